@@ -1,0 +1,55 @@
+"""Typed messages between the front end, the scheduler and (later) instances."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from epdlang.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One preprocessed image. `content_hash` keys the encoder cache and the radix tree."""
+
+    content_hash: str  # hex sha256 of the decoded RGB pixels plus size
+    pixel_values: "torch.Tensor"  # [num_patches, C * temporal_patch * patch * patch], as the HF processor returns
+    grid_thw: tuple[int, int, int]
+    num_tokens: int  # placeholder tokens in the prompt: t * h * w // merge_size**2
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    rid: str
+    input_ids: tuple[int, ...]  # image placeholders already expanded
+    images: tuple[ImageInput, ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    priority: int = 0  # lower runs first; ties follow arrival order
+    session_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob) alternatives, best first
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A delta for one request: new tokens since the last output, or the final state."""
+
+    rid: str
+    new_token_ids: tuple[int, ...] = ()
+    new_text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    matched_stop: str | int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
+    error: str | None = None
