@@ -1,0 +1,31 @@
+"""Engine configuration: one frozen dataclass, overridable by keyword."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dtype: str = "float32"
+    device: str = "cpu"
+    attention_backend: str = "auto"
+    page_size: int = 16
+    num_pages: int | None = None  # None: derived from kv_cache_bytes
+    kv_cache_bytes: int = 1 << 30
+    max_model_len: int = 16384
+    max_running: int = 256
+    prefill_token_budget: int = 2048  # tokens per prefill batch; longer prompts are chunked
+    encode_token_budget: int = 4096  # image tokens per encode batch
+    schedule_policy: Literal["decode-first", "prefill-first"] = "decode-first"
+    enable_prefix_cache: bool = True
+    encoder_cache_bytes: int = 256 << 20
+    tpot_target_ms: float | None = None  # when set, budgets are calibrated at start-up
+    overlap_encode: bool = True  # run the vision tower on a second thread beside LM work
+    load_vision: bool = True
+    load_lm: bool = True
+    num_threads: int | None = None
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)

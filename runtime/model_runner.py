@@ -1,0 +1,111 @@
+"""Turns scheduled work into ForwardBatches over the paged KV pool and runs the model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from runtime.forward_batch import ForwardBatch, KVPool
+from runtime.request import Req
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Compute KV for tokens [start, end) of `req`; sample a token if `end` reaches the sequence end."""
+
+    req: Req
+    start: int
+    end: int
+
+    @property
+    def samples(self) -> bool:
+        return self.end == self.req.seq_len
+
+    def prompt_logprob_rows(self) -> range:
+        """Rows whose logits score the next prompt token at or after the requested start."""
+        covered = self.req.prompt_logprobs_covered
+        if covered is None:
+            return range(0)
+        first = max(self.start, covered - 1)
+        return range(first, max(first, min(self.end, self.req.prompt_len - 1)))
+
+
+@dataclass
+class ChunkLogits:
+    sample: torch.Tensor | None  # [V] logits for the next token
+    prompt: torch.Tensor | None  # [rows, V] logits scoring prompt tokens
+    prompt_rows: range
+
+
+class ModelRunner:
+    def __init__(self, model, kv: KVPool, image_token_id: int) -> None:
+        self.model, self.kv, self.image_token_id = model, kv, image_token_id
+        self.page_size = kv.page_size
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        pixels = torch.cat(pixel_values).to(self.model.dtype)
+        return self.model.encode(pixels, torch.tensor(grids, dtype=torch.long))
+
+    @torch.inference_mode()
+    def run(self, chunks: list[Chunk], is_decode: bool) -> list[ChunkLogits]:
+        batch, row_spans = self._build(chunks, is_decode)
+        fn = self.model.decode if is_decode else self.model.prefill
+        logits = fn(batch, self.kv)
+        out, i = [], 0
+        for chunk, (n_prompt, has_sample) in zip(chunks, row_spans):
+            prompt = logits[i:i + n_prompt] if n_prompt else None
+            sample = logits[i + n_prompt] if has_sample else None
+            out.append(ChunkLogits(sample, prompt, chunk.prompt_logprob_rows()))
+            i += n_prompt + int(has_sample)
+        return out
+
+    def _build(self, chunks: list[Chunk], is_decode: bool) -> tuple[ForwardBatch, list[tuple[int, bool]]]:
+        ids, pos, slots, logit_rows, spans, embeds = [], [], [], [], [], []
+        offset = 0
+        for c in chunks:
+            ids.extend(c.req.token_ids(c.start, c.end))
+            pos.append(c.req.position_slice(c.start, c.end))
+            slots.append(self._slots(c.req.pages, c.start, c.end))
+            rows = [offset + r - c.start for r in c.prompt_logprob_rows()]
+            if c.samples:
+                rows.append(offset + c.end - 1 - c.start)
+            logit_rows.extend(rows)
+            spans.append((len(c.prompt_logprob_rows()), c.samples))
+            if not is_decode:
+                embeds.extend(self._image_rows(c))
+            offset += c.end - c.start
+        batch = ForwardBatch(
+            is_decode=is_decode,
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.cat(pos, dim=1),
+            extend_lens=[c.end - c.start for c in chunks],
+            seq_lens=[c.end for c in chunks],
+            block_tables=self._block_tables([c.req.pages for c in chunks]),
+            out_slots=torch.cat(slots),
+            logits_indices=torch.tensor(logit_rows, dtype=torch.long),
+            image_embeds=torch.cat(embeds) if embeds else None,
+        )
+        return batch, spans
+
+    def _slots(self, pages: list[int], start: int, end: int) -> torch.Tensor:
+        idx = torch.arange(start, end)
+        table = torch.tensor(pages, dtype=torch.long)
+        return table[idx // self.page_size] * self.page_size + idx % self.page_size
+
+    @staticmethod
+    def _block_tables(tables: list[list[int]]) -> torch.Tensor:
+        width = max(len(t) for t in tables)
+        out = torch.full((len(tables), width), -1, dtype=torch.long)
+        for i, t in enumerate(tables):
+            out[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        return out
+
+    def _image_rows(self, c: Chunk) -> list[torch.Tensor]:
+        mm = c.req.mm_embeds()
+        if mm is None or c.start >= c.req.prompt_len:
+            return []
+        prompt = torch.tensor(c.req.msg.input_ids[:min(c.end, c.req.prompt_len)])
+        is_img = prompt == self.image_token_id
+        before, upto = int(is_img[:c.start].sum()), int(is_img.sum())
+        return [mm[before:upto]] if upto > before else []
