@@ -1,0 +1,274 @@
+"""`runtime.Engine`: the offline, single-process engine. All three stages, continuous batching."""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from epdlang.errors import InvalidRequest, PromptTooLong
+from epdlang.sampling import SamplingParams
+from runtime.config import EngineConfig
+from runtime.detokenizer import IncrementalDetokenizer
+from runtime.encoder_cache import EncoderCache
+from runtime.grammar import GrammarCompiler
+from runtime.engine_setup import build_kv, build_kv_manager
+from runtime.messages import GenerateRequest, RequestOutput
+from runtime.model_runner import Chunk, ChunkLogits, ModelRunner
+from runtime.models import load_model
+from runtime.preprocess import Processor
+from runtime.request import Req, Status
+from runtime.sampler import SamplingState, prompt_logprobs, sample
+from runtime.scheduler import Scheduler, StepPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The finished result of one request, accumulated from its deltas."""
+
+    rid: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    prompt_tokens: int
+    cached_tokens: int
+    logprobs: tuple = ()
+    prompt_logprobs: tuple = ()
+    matched_stop: str | int | None = None
+    error: str | None = None
+
+
+class Engine:
+    def __init__(self, model: str | Path, config: EngineConfig | None = None, **overrides: Any) -> None:
+        self.config = (config or EngineConfig()).replace(**overrides)
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.model_path = str(model)
+        self.processor = Processor(model)
+        self.model = load_model(model, dtype=getattr(torch, self.config.dtype), device=self.config.device,
+                                load_vision=self.config.load_vision, load_lm=self.config.load_lm)
+        self.kv_pool = build_kv(self.model.config, self.config)
+        self.kv = build_kv_manager(self.kv_pool, self.config)
+        self.encoder_cache = EncoderCache(self.config.encoder_cache_bytes)
+        self.runner = ModelRunner(self.model, self.kv_pool, self.model.config.image_token_id)
+        self.scheduler = Scheduler(self.config, self.kv, self.encoder_cache)
+        self.reqs: dict[str, Req] = {}
+        self.stats: Counter[str] = Counter()
+        self.stage_seconds: Counter[str] = Counter()
+        self._grammar: GrammarCompiler | None = None
+
+    # ---- admission -------------------------------------------------------------------------
+    def add_request(self, *, messages: list | None = None, prompt: str | None = None,
+                    input_ids: Sequence[int] | None = None, images: Sequence[Any] = (),
+                    sampling_params: SamplingParams | None = None, rid: str | None = None,
+                    priority: int = 0) -> str:
+        """Preprocess and queue one request. Raises a typed `InvalidRequest` subclass on bad input."""
+        params = sampling_params or SamplingParams()
+        prepared = self.processor.prepare(messages, prompt=prompt, input_ids=input_ids, images=images)
+        msg = GenerateRequest(rid=rid or uuid.uuid4().hex, input_ids=prepared.input_ids,
+                              images=prepared.images, sampling=params, priority=priority)
+        return self.submit(msg)
+
+    def submit(self, msg: GenerateRequest) -> str:
+        """Queue an already-tokenized request."""
+        if msg.rid in self.reqs:
+            raise InvalidRequest(f"request id {msg.rid!r} is already in flight")
+        self._check_fits(msg)
+        req = self._make_req(msg)
+        self.reqs[msg.rid] = req
+        self.scheduler.add(req)
+        return msg.rid
+
+    def _check_fits(self, msg: GenerateRequest) -> None:
+        n, cfg = len(msg.input_ids), self.config
+        if n == 0:
+            raise InvalidRequest("the prompt is empty")
+        bad = [t for t in msg.input_ids if not 0 <= t < self.model.config.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary [0, {self.model.config.vocab_size})")
+        if n >= cfg.max_model_len:
+            raise PromptTooLong(f"the prompt has {n} tokens; the context allows at most {cfg.max_model_len - 1}")
+        need = n + min(msg.sampling.max_new_tokens, cfg.max_model_len - n)
+        capacity = self.kv.total_pages * cfg.page_size
+        if need > capacity:
+            raise PromptTooLong(f"the request needs {need} KV slots but the pool only has {capacity}")
+
+    def _make_req(self, msg: GenerateRequest) -> Req:
+        grids = [img.grid_thw for img in msg.images]
+        positions, delta = self.model.rope_positions(list(msg.input_ids), grids)
+        params = msg.sampling
+        eos = () if params.ignore_eos else self.processor.eos_token_ids
+        req = Req(msg=msg, positions=positions, rope_delta=delta,
+                  detok=IncrementalDetokenizer(self.processor.tokenizer, params, eos, msg.input_ids),
+                  sampling_state=self._sampling_state(msg),
+                  image_embeds=[None] * len(msg.images))
+        if params.prompt_logprobs_start == 0:
+            req.prompt_logprobs.append(None)
+        return req
+
+    def _sampling_state(self, msg: GenerateRequest) -> SamplingState:
+        params = msg.sampling
+        grammar = None
+        if params.regex or params.json_schema:
+            grammar = self.grammar_compiler().compile(regex=params.regex, json_schema=params.json_schema)
+        return SamplingState(params, prompt_ids=msg.input_ids, eos_ids=self.processor.eos_token_ids,
+                             grammar=grammar)
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        if self._grammar is None:
+            self._grammar = GrammarCompiler(self.processor.tokenizer)
+        return self._grammar
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        self._run_encode(plan)
+        batches = [(plan.decode, True), (plan.prefill, False)]
+        if self.config.schedule_policy == "prefill-first":
+            batches.reverse()
+        for chunks, is_decode in batches:
+            if chunks:
+                self._run_lm(chunks, is_decode)
+        return self._collect_outputs()
+
+    def _run_encode(self, plan: StepPlan) -> None:
+        todo: dict[str, tuple[Any, list[tuple[Req, int]]]] = {}
+        for req, i in plan.encode:
+            image = req.msg.images[i]
+            todo.setdefault(image.content_hash, (image, []))[1].append((req, i))
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        images = [image for image, _ in todo.values()]
+        embeds = self.runner.encode([im.pixel_values for im in images], [im.grid_thw for im in images])
+        for (image, users), emb in zip(todo.values(), embeds):
+            self.encoder_cache.put(image.content_hash, emb)
+            for req, i in users:
+                req.image_embeds[i] = emb
+        self.stats["images_encoded"] += len(images)
+        self.stage_seconds["encode"] += time.perf_counter() - t0
+
+    def _run_lm(self, chunks: list[Chunk], is_decode: bool) -> None:
+        t0 = time.perf_counter()
+        results = self.runner.run(chunks, is_decode)
+        self._sample(chunks, results)
+        stage = "decode" if is_decode else "prefill"
+        self.stage_seconds[stage] += time.perf_counter() - t0
+        self.stats[f"{stage}_tokens"] += sum(c.end - c.start for c in chunks)
+
+    def _sample(self, chunks: list[Chunk], results: list[ChunkLogits]) -> None:
+        for chunk, res in zip(chunks, results):
+            self._advance(chunk, res)
+        sampling = [(c.req, r.sample) for c, r in zip(chunks, results) if r.sample is not None]
+        if not sampling:
+            return
+        out = sample(torch.stack([lg for _, lg in sampling]), [r.sampling_state for r, _ in sampling])
+        for (req, _), token, lp in zip(sampling, out.token_ids, out.logprobs):
+            self._append_token(req, token, lp)
+
+    def _advance(self, chunk: Chunk, res: ChunkLogits) -> None:
+        req = chunk.req
+        req.num_computed = chunk.end
+        if res.prompt is not None:
+            targets = req.token_ids(res.prompt_rows.start + 1, res.prompt_rows.stop + 1)
+            top_n = req.msg.sampling.logprobs or 0
+            req.prompt_logprobs.extend(prompt_logprobs(res.prompt, targets, top_n))
+        if chunk.samples and req.status is Status.WAITING:
+            req.status = Status.RUNNING
+            self.scheduler.waiting.remove(req)
+            self.scheduler.running.append(req)
+
+    def _append_token(self, req: Req, token: int, logprob: Any) -> None:
+        req.output_ids.append(token)
+        req.pending_ids.append(token)
+        if logprob is not None:
+            req.pending_logprobs.append(logprob)
+        step = req.detok.append(token)
+        req.pending_text += step.new_text
+        if step.finished:
+            req.finish_reason, req.matched_stop = step.finish_reason, step.matched_stop
+        elif req.seq_len >= self.config.max_model_len:
+            req.finish_reason = "length"
+        if req.finish_reason:
+            self.scheduler.remove(req, cache=True)
+
+    def _collect_outputs(self) -> list[RequestOutput]:
+        outputs = []
+        for req in list(self.reqs.values()):
+            if not req.pending_ids and not req.finish_reason:
+                continue
+            outputs.append(self._delta(req))
+            if req.finish_reason:
+                del self.reqs[req.rid]
+        return outputs
+
+    def _delta(self, req: Req) -> RequestOutput:
+        out = RequestOutput(
+            rid=req.rid, new_token_ids=tuple(req.pending_ids), new_text=req.pending_text,
+            finished=req.finish_reason is not None, finish_reason=req.finish_reason,
+            matched_stop=req.matched_stop, prompt_tokens=req.prompt_len,
+            completion_tokens=len(req.output_ids), cached_tokens=req.cached_tokens,
+            logprobs=tuple(req.pending_logprobs),
+            prompt_logprobs=tuple(req.prompt_logprobs) if req.finish_reason else (), error=req.error)
+        req.pending_ids, req.pending_logprobs, req.pending_text = [], [], ""
+        return out
+
+    def abort(self, rid: str) -> bool:
+        """Cancel a request at any stage; its pages go back at once."""
+        req = self.reqs.get(rid)
+        if req is None or req.finish_reason:
+            return False
+        self.scheduler.remove(req, cache=False)
+        req.finish_reason = "abort"
+        return True
+
+    def fail_all(self, reason: str) -> list[RequestOutput]:
+        """Finish every request in flight with an error (used when a step itself failed)."""
+        for req in list(self.reqs.values()):
+            if not req.finish_reason:
+                self.scheduler.remove(req, cache=False)
+                req.finish_reason, req.error = "error", reason
+        return self._collect_outputs()
+
+    def flush_cache(self) -> bool:
+        """Drop cached prefixes and encoder outputs that no request is using."""
+        self.encoder_cache.clear()
+        return self.kv.flush()
+
+    # ---- convenience --------------------------------------------------------------------------
+    def generate(self, requests: Iterable[dict] | dict, sampling_params: SamplingParams | None = None,
+                 max_steps: int = 1_000_000) -> list[Completion]:
+        """Run requests to completion. Each request is a dict of `add_request` keyword arguments."""
+        batch = [requests] if isinstance(requests, dict) else list(requests)
+        rids = [self.add_request(**({"sampling_params": sampling_params} | r)) for r in batch]
+        acc: dict[str, list[RequestOutput]] = {rid: [] for rid in rids}
+        for _ in range(max_steps):
+            if all(d and d[-1].finished for d in acc.values()):
+                break
+            for out in self.step():
+                if out.rid in acc:
+                    acc[out.rid].append(out)
+        return [_merge(rid, acc[rid]) for rid in rids]
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity(self.scheduler.requests())
+
+
+def _merge(rid: str, deltas: list[RequestOutput]) -> Completion:
+    last = deltas[-1] if deltas else RequestOutput(rid=rid, finish_reason="abort", finished=True)
+    return Completion(
+        rid=rid, text="".join(d.new_text for d in deltas),
+        token_ids=tuple(t for d in deltas for t in d.new_token_ids),
+        finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens, cached_tokens=last.cached_tokens,
+        logprobs=tuple(lp for d in deltas for lp in d.logprobs), prompt_logprobs=last.prompt_logprobs,
+        matched_stop=last.matched_stop, error=last.error)

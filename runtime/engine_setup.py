@@ -1,0 +1,29 @@
+"""Sizing and wiring of an instance's KV pool and page managers."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from runtime.config import EngineConfig
+from runtime.forward_batch import KVPool
+from runtime.kv_manager import KVManager
+from runtime.page_allocator import PageAllocator
+
+log = logging.getLogger(__name__)
+
+
+def build_kv(model_config, config: EngineConfig) -> KVPool:
+    dtype = getattr(torch, config.dtype)
+    page_bytes = (2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim
+                  * config.page_size * torch.tensor([], dtype=dtype).element_size())
+    num_pages = config.num_pages or max(1, config.kv_cache_bytes // page_bytes)
+    log.info("KV pool: %d pages of %d tokens (%.1f MiB)", num_pages, config.page_size,
+             num_pages * page_bytes / 2**20)
+    return KVPool(model_config.num_layers, num_pages, config.page_size, model_config.num_kv_heads,
+                  model_config.head_dim, dtype, config.device)
+
+
+def build_kv_manager(pool: KVPool, config: EngineConfig) -> KVManager:
+    allocator = PageAllocator(pool.num_pages)
+    return KVManager(allocator, config.page_size)
