@@ -1,0 +1,53 @@
+"""The `epd` command line.
+
+Each subcommand is a registrar in `SUBCOMMANDS`: it adds its parser and sets `handler`, a function
+taking the parsed args and returning an exit code. Handlers import heavy modules lazily so that
+`epd --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+Registrar = Callable[["argparse._SubParsersAction"], None]
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from runtime.tiny_model import build_tiny_model
+
+    out = build_tiny_model(args.dir, size=args.size, seed=args.seed)
+    print(f"wrote {args.size} Qwen2-VL checkpoint (seed {args.seed}) to {out}")
+    return 0
+
+
+def _register_make_tiny_model(subparsers: "argparse._SubParsersAction") -> None:
+    from runtime.tiny_model import SIZES
+
+    p = subparsers.add_parser("make-tiny-model", help="build a random-weight Qwen2-VL checkpoint offline")
+    p.add_argument("dir", help="output directory")
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_make_tiny_model)
+
+
+SUBCOMMANDS: dict[str, Registrar] = {
+    "make-tiny-model": _register_make_tiny_model,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="epd", description="epdlang: disaggregated multimodal LLM serving")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in SUBCOMMANDS.values():
+        register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Offline, deterministic random-weight Qwen2-VL checkpoints in Hugging Face format.
+
+The tests and the default demo use these: no model hub is needed at any point. The tokenizer is a
+byte-level BPE trained on Python's own stdlib sources, so it is local and reproducible too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT_VERSION = "v1"
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+BPE_VOCAB_SIZE = 8000
+CORPUS_MAX_BYTES = 1_500_000
+INITIALIZER_RANGE = 0.1
+
+# Qwen2-VL's ChatML layout: a default system turn, images/videos as vision_start pad vision_end
+# at their position in the content list.
+CHAT_TEMPLATE = r"""{%- if messages[0]['role'] != 'system' -%}
+{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+{{- '<|im_start|>' + message['role'] + '\n' -}}
+{%- if message['content'] is string -%}
+{{- message['content'] -}}
+{%- elif message['content'] is not none -%}
+{%- for part in message['content'] -%}
+{%- if part['type'] == 'text' -%}
+{{- part['text'] -}}
+{%- elif part['type'] in ('image', 'image_url') -%}
+{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
+{%- elif part['type'] in ('video', 'video_url') -%}
+{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{{- '<|im_end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '<|im_start|>assistant\n' -}}
+{%- endif -%}"""
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    mrope_section: tuple[int, int, int]  # sums to head_dim // 2
+    vision_dim: int
+    vision_layers: int
+    vision_heads: int
+
+
+SIZES = {
+    "tiny": ModelSize(256, 4, 4, 2, 1024, (8, 12, 12), 256, 4, 4),
+    "small": ModelSize(1024, 12, 16, 4, 2816, (8, 12, 12), 512, 12, 8),
+}
+
+
+def _corpus_files() -> list[Path]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files, total = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        files.append(path)
+        total += path.stat().st_size
+        if total >= CORPUS_MAX_BYTES:
+            break
+    return files
+
+
+def _corpus() -> list[str]:
+    return [p.read_text(encoding="utf-8", errors="replace") for p in _corpus_files()]
+
+
+@contextmanager
+def _serial_tokenizers() -> Iterator[None]:
+    """Train without rayon threads (reproducible, and polite on shared CPUs); restore the setting after."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def build_tokenizer():
+    """Train a byte-level BPE on stdlib sources and wrap it as a Qwen2 tokenizer with Qwen2-VL's specials."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    with _serial_tokenizers():
+        bpe.train_from_iterator(_corpus(), trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    # Specials go after the BPE vocab in a fixed order, as in Qwen2-VL, so their ids are predictable.
+    vocab = dict(state["vocab"])
+    vocab.update({token: len(state["vocab"]) + i for i, token in enumerate(SPECIAL_TOKENS)})
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, eos_token="<|im_end|>", model_max_length=32768
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _padded_vocab(n: int, multiple: int = 128) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def build_config(size: str, tokenizer):
+    """A Qwen2VLConfig of the named size whose token ids match `tokenizer`."""
+    from transformers import Qwen2VLConfig
+
+    s = SIZES[size]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=_padded_vocab(len(tokenizer)),
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        max_position_embeddings=32768,
+        initializer_range=INITIALIZER_RANGE,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(s.mrope_section)},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    vision = dict(
+        depth=s.vision_layers,
+        embed_dim=s.vision_dim,
+        hidden_size=s.hidden,
+        num_heads=s.vision_heads,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        initializer_range=INITIALIZER_RANGE,
+    )
+    return Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def preprocessor_config() -> dict:
+    """Qwen2-VL's image processor settings (loads as Qwen2VLImageProcessorPil without torchvision)."""
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "resample": 3,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "min_pixels": 56 * 56,
+        "max_pixels": 1280 * 28 * 28,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def build_tiny_model(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight Qwen2-VL checkpoint (config, fp32 safetensors, tokenizer, image processor).
+
+    Deterministic: the same size and seed give byte-identical files.
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = build_config(size, tokenizer)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.text_config.bos_token_id,
+        eos_token_id=[config.text_config.eos_token_id, config.text_config.pad_token_id],
+        pad_token_id=config.text_config.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _write_json(out / "preprocessor_config.json", preprocessor_config())
+    return out
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EPD_CACHE_DIR") or "~/.cache/epdlang").expanduser()
+
+
+def ensure_tiny_model(size: str = "tiny", seed: int = 0) -> Path:
+    """Return the cached checkpoint dir for (size, seed), building it once. Safe if processes race."""
+    final = cache_root() / "models" / f"{size}-seed{seed}-{FORMAT_VERSION}"
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        build_tiny_model(tmp, size=size, seed=seed)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
