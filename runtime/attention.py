@@ -1,0 +1,259 @@
+"""Attention backends over the paged KV pool, behind one small interface.
+
+A backend first `plan`s a forward pass: it turns the batch's block tables into gather indices and
+masks once, and every layer reuses that plan. `prefill`/`decode` then attend new queries to the
+pool (the new tokens' K/V are already written there); `varlen` is block-diagonal, non-causal
+attention over packed segments (the vision tower's images and windows).
+
+Shapes: q `[T, H, D]`, k/v `[T, Hkv, D]`, pool k/v `[slots, Hkv, D]`; outputs are `[T, H, D]`.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from runtime.forward_batch import ForwardBatch
+
+
+@dataclass
+class AttnPlan:
+    """Per-forward indices shared by all layers. Tensors are on the model's device."""
+
+    is_decode: bool
+    kv_index: torch.Tensor  # [B, Lk] flat pool slot of every KV position (0 where padding)
+    mask: torch.Tensor | None  # [B, 1, Lq, Lk] bool, True = attend; None when nothing is masked
+    q_dest: torch.Tensor | None  # [T] row of each query in the padded [B * Lq] layout (prefill)
+    max_q: int
+    prefix_lens: list[int]
+    extend_lens: list[int]
+    seq_lens: list[int]
+    cu_q: list[int]
+    extra: dict  # backend-specific
+
+
+def sequence_slots(block_tables: torch.Tensor, page_size: int, max_len: int) -> torch.Tensor:
+    """Flat pool slot of positions [0, max_len) of every sequence: `[B, max_len]` (garbage past a sequence's end)."""
+    pos = torch.arange(max_len, device=block_tables.device)
+    page_col = (pos // page_size).clamp_max(block_tables.shape[1] - 1)
+    pages = block_tables[:, page_col].clamp_min(0)
+    return pages * page_size + pos % page_size
+
+
+class AttentionBackend:
+    """Interface: plan once per forward, then call per layer."""
+
+    name = "base"
+
+    def plan(self, batch: ForwardBatch, page_size: int, device: torch.device) -> AttnPlan:
+        raise NotImplementedError
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
+                v_pool: torch.Tensor, plan: AttnPlan) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: AttnPlan) -> torch.Tensor:
+        raise NotImplementedError
+
+    def varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """SDPA on `[B, H, L, D]`; grouped-query heads are shared without materialising repeats."""
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kw)
+
+
+class SdpaBackend(AttentionBackend):
+    """torch SDPA. Decode is one padded, masked call. Prefill is one SDPA call per sequence
+    (`ragged`, the default: no padding waste, and prompts without a cached prefix use the fresh
+    K/V and the causal kernel) or one padded, masked call for the whole batch (`padded`)."""
+
+    name = "sdpa"
+
+    def __init__(self, prefill_mode: str = "ragged") -> None:
+        if prefill_mode not in ("ragged", "padded"):
+            raise ValueError(f"unknown prefill_mode {prefill_mode!r}")
+        self.prefill_mode = prefill_mode
+
+    def plan(self, batch: ForwardBatch, page_size: int, device: torch.device) -> AttnPlan:
+        ext, lens = batch.extend_lens, batch.seq_lens
+        prefix = [s - e for s, e in zip(lens, ext)]
+        cu_q = [0]
+        for e in ext:
+            cu_q.append(cu_q[-1] + e)
+        kv_index = sequence_slots(batch.block_tables.to(device), page_size, max(lens))
+        max_q = 1 if batch.is_decode else max(ext)
+        plan = AttnPlan(batch.is_decode, kv_index, None, None, max_q, prefix, ext, lens, cu_q, {})
+        if batch.is_decode or self.prefill_mode == "padded":
+            plan.mask = _padded_mask(prefix, ext, lens, max_q, device)
+            if not batch.is_decode:
+                plan.q_dest = _padded_rows(ext, max_q, device)
+        else:
+            plan.extra["seq_masks"] = [_prefix_mask(p, e, device) if p else None for p, e in zip(prefix, ext)]
+        return plan
+
+    def decode(self, q, k_pool, v_pool, plan):
+        b, h, d = q.shape
+        k = k_pool[plan.kv_index].transpose(1, 2)  # [B, Hkv, Lk, D]
+        v = v_pool[plan.kv_index].transpose(1, 2)
+        out = _sdpa(q.view(b, 1, h, d).transpose(1, 2), k, v, attn_mask=plan.mask)
+        return out.transpose(1, 2).reshape(b, h, d)
+
+    def prefill(self, q, k, v, k_pool, v_pool, plan):
+        if self.prefill_mode == "padded":
+            return self._prefill_padded(q, k_pool, v_pool, plan)
+        out = torch.empty_like(q)
+        for i, mask in enumerate(plan.extra["seq_masks"]):
+            lo, hi = plan.cu_q[i], plan.cu_q[i + 1]
+            if mask is None:  # no cached prefix: the fresh K/V are the whole sequence
+                ks, vs = k[lo:hi], v[lo:hi]
+            else:
+                idx = plan.kv_index[i, :plan.seq_lens[i]]
+                ks, vs = k_pool[idx], v_pool[idx]
+            o = _sdpa(q[lo:hi].transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+                      attn_mask=mask, is_causal=mask is None)
+            out[lo:hi] = o[0].transpose(0, 1)
+        return out
+
+    def _prefill_padded(self, q, k_pool, v_pool, plan):
+        t, h, d = q.shape
+        b = len(plan.extend_lens)
+        qp = q.new_zeros(b * plan.max_q, h, d)
+        qp[plan.q_dest] = q
+        qp = qp.view(b, plan.max_q, h, d).transpose(1, 2)
+        k = k_pool[plan.kv_index].transpose(1, 2)
+        v = v_pool[plan.kv_index].transpose(1, 2)
+        out = _sdpa(qp, k, v, attn_mask=plan.mask).transpose(1, 2).reshape(b * plan.max_q, h, d)
+        return out[plan.q_dest]
+
+    def varlen(self, q, k, v, cu_seqlens):
+        lens = [b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+        n, longest = len(lens), max(lens)
+        if n == 1 or n * longest > 1.25 * q.shape[0]:  # ragged: padding would waste too much
+            parts = [_sdpa(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)))[0].transpose(0, 1)
+                     for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+            return torch.cat(parts)
+        rows, mask = _segment_rows(lens, longest, q.device)
+        qs, ks, vs = (x[rows].view(n, longest, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+        out = _sdpa(qs, ks, vs, attn_mask=mask).transpose(1, 2).reshape(n * longest, *q.shape[1:])
+        return out[_padded_rows(lens, longest, q.device)]
+
+
+def _prefix_mask(prefix: int, ext: int, device: torch.device) -> torch.Tensor:
+    """`[ext, prefix + ext]`: query i (at position prefix + i) sees positions <= prefix + i."""
+    kpos = torch.arange(prefix + ext, device=device)
+    return kpos[None, :] <= (prefix + torch.arange(ext, device=device))[:, None]
+
+
+def _padded_mask(prefix: list[int], ext: list[int], lens: list[int], max_q: int,
+                 device: torch.device) -> torch.Tensor:
+    """`[B, 1, max_q, max_len]`; padded query rows see position 0 so that no softmax row is empty."""
+    p = torch.tensor(prefix, device=device)[:, None, None]
+    e = torch.tensor(ext, device=device)[:, None, None]
+    qi = torch.arange(max_q, device=device)[None, :, None]
+    kpos = torch.arange(max(lens), device=device)[None, None, :]
+    mask = (kpos <= p + qi) | ((qi >= e) & (kpos == 0))
+    return mask[:, None]
+
+
+def _padded_rows(lens: list[int], width: int, device: torch.device) -> torch.Tensor:
+    """Row of every packed token in a `[len(lens) * width]` padded layout."""
+    lens_t = torch.tensor(lens, device=device)
+    seg = torch.repeat_interleave(torch.arange(len(lens), device=device), lens_t)
+    starts = torch.cumsum(lens_t, 0) - lens_t
+    return seg * width + torch.arange(int(lens_t.sum()), device=device) - starts[seg]
+
+
+def _segment_rows(lens: list[int], width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gather rows padding packed segments to `width` (pad rows read row 0), and the key mask."""
+    lens_t = torch.tensor(lens, device=device)
+    col = torch.arange(width, device=device)[None, :]
+    starts = (torch.cumsum(lens_t, 0) - lens_t)[:, None]
+    valid = col < lens_t[:, None]
+    rows = torch.where(valid, starts + col, torch.zeros_like(col)).reshape(-1)
+    return rows, None if bool(valid.all()) else valid[:, None, None, :]
+
+
+class FlashAttnBackend(AttentionBackend):
+    """flash-attn 2 on CUDA: varlen kernels over gathered K/V; decode reads the paged pool directly
+    when the page size is one flash-attn supports (a multiple of 256)."""
+
+    name = "flash_attn"
+
+    def __init__(self) -> None:
+        import flash_attn  # noqa: F401  (fail early if missing)
+        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+        self._varlen, self._kvcache = flash_attn_varlen_func, flash_attn_with_kvcache
+
+    def plan(self, batch: ForwardBatch, page_size: int, device: torch.device) -> AttnPlan:
+        ext, lens = batch.extend_lens, batch.seq_lens
+        prefix = [s - e for s, e in zip(lens, ext)]
+        kv_index = sequence_slots(batch.block_tables.to(device), page_size, max(lens))
+        valid = torch.arange(max(lens), device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+        cu_q = [0]
+        for e in ext:
+            cu_q.append(cu_q[-1] + e)
+        extra = {
+            "flat_kv": kv_index[valid],
+            "cu_q": torch.tensor(cu_q, dtype=torch.int32, device=device),
+            "cu_k": torch.tensor([0] + _cumsum(lens), dtype=torch.int32, device=device),
+            "seq_lens": torch.tensor(lens, dtype=torch.int32, device=device),
+            "page_size": page_size,
+            "block_tables": batch.block_tables.to(device=device, dtype=torch.int32),
+        }
+        return AttnPlan(batch.is_decode, kv_index, None, None, max(ext), prefix, ext, lens, cu_q, extra)
+
+    def prefill(self, q, k, v, k_pool, v_pool, plan):
+        return self._gathered(q, k_pool, v_pool, plan)
+
+    def decode(self, q, k_pool, v_pool, plan):
+        ps = plan.extra["page_size"]
+        if ps % 256:
+            return self._gathered(q, k_pool, v_pool, plan)
+        shape = (-1, ps, *k_pool.shape[1:])
+        out = self._kvcache(q[:, None], k_pool.view(shape), v_pool.view(shape),
+                            cache_seqlens=plan.extra["seq_lens"], block_table=plan.extra["block_tables"],
+                            causal=True)
+        return out[:, 0]
+
+    def _gathered(self, q, k_pool, v_pool, plan):
+        idx = plan.extra["flat_kv"]
+        return self._varlen(q, k_pool[idx], v_pool[idx], plan.extra["cu_q"], plan.extra["cu_k"],
+                            plan.max_q, max(plan.seq_lens), causal=True)
+
+    def varlen(self, q, k, v, cu_seqlens):
+        cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
+        longest = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+        return self._varlen(q, k, v, cu, cu, longest, longest, causal=False)
+
+
+def _cumsum(xs: list[int]) -> list[int]:
+    out, total = [], 0
+    for x in xs:
+        total += x
+        out.append(total)
+    return out
+
+
+ATTENTION_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
+    "sdpa": SdpaBackend,
+    "sdpa_padded": lambda: SdpaBackend("padded"),
+    "flash_attn": FlashAttnBackend,
+}
+
+
+def flash_attn_available(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+
+
+def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> AttentionBackend:
+    """Backend by name; "auto" picks flash_attn on CUDA when the package is installed, else sdpa."""
+    if name == "auto":
+        name = "flash_attn" if flash_attn_available(device) else "sdpa"
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(ATTENTION_BACKENDS)}")
+    return ATTENTION_BACKENDS[name]()

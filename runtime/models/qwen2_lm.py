@@ -1,0 +1,92 @@
+"""The Qwen2 decoder (shared by Qwen2-VL and Qwen2.5-VL) over a paged KV pool."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.attention import AttentionBackend, AttnPlan
+from runtime.forward_batch import ForwardBatch, KVPool
+from runtime.models.config import TextConfig
+from runtime.models.layers import MergedLinear, RMSNorm, SwiGLU, apply_rope
+from runtime.models.rope import MRope
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(cfg.hidden_size, [q, kv, kv], bias=True)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, kv: KVPool,
+                out_slots: torch.Tensor, backend: AttentionBackend, plan: AttnPlan) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.shard_sizes, dim=-1)
+        q = apply_rope(q.view(t, self.heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(t, self.kv_heads, self.head_dim), cos, sin)
+        v = v.view(t, self.kv_heads, self.head_dim)
+        k_pool, v_pool = kv.k[layer], kv.v[layer]
+        k_pool[out_slots] = k.to(k_pool.dtype)
+        v_pool[out_slots] = v.to(v_pool.dtype)
+        if plan.is_decode:
+            o = backend.decode(q, k_pool, v_pool, plan)
+        else:
+            o = backend.prefill(q, k, v, k_pool, v_pool, plan)
+        return self.o_proj(o.reshape(t, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, *attn_args) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), *attn_args)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2LM(nn.Module):
+    """Embeddings, decoder layers, final norm and LM head. Parameter names follow the checkpoint."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope: MRope | None = None  # built by `setup` once weights are on their device
+
+    def setup(self, device: torch.device) -> None:
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = MRope(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section, device)
+
+    def embed(self, input_ids: torch.Tensor, image_token_id: int, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with image embeddings written, in order, at the image-token rows."""
+        x = self.embed_tokens(input_ids)
+        rows = (input_ids == image_token_id).nonzero().squeeze(1)
+        n_embeds = 0 if image_embeds is None else image_embeds.shape[0]
+        if len(rows) != n_embeds:
+            raise ValueError(f"{len(rows)} image tokens in the batch but {n_embeds} image embeddings")
+        if n_embeds:
+            x[rows] = image_embeds.to(device=x.device, dtype=x.dtype)
+        return x
+
+    def forward(self, batch: ForwardBatch, kv: KVPool, image_token_id: int, backend: AttentionBackend) -> torch.Tensor:
+        """fp32 logits `[K, vocab]` for the rows `batch.logits_indices`."""
+        device = self.embed_tokens.weight.device
+        input_ids = batch.input_ids.to(device)
+        x = self.embed(input_ids, image_token_id, batch.image_embeds)
+        cos, sin = self.rope.cos_sin(batch.positions.to(device), x.dtype)
+        plan = backend.plan(batch, kv.page_size, device)
+        out_slots = batch.out_slots.to(device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, i, kv, out_slots, backend, plan)
+        x = self.norm(x[batch.logits_indices.to(device)])
+        return F.linear(x, self.lm_head.weight).float()
