@@ -11,6 +11,7 @@ import binascii
 import hashlib
 import io
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -121,7 +122,6 @@ class Processor:
         With `prompt` or `input_ids`, `images` pairs in order with the `<|image_pad|>` tokens (one per
         image, or already expanded to each image's `num_tokens`). Messages carry their own images.
         """
-        images = images or ()
         given = [name for name, v in (("messages", messages), ("prompt", prompt), ("input_ids", input_ids))
                  if v is not None]
         if len(given) != 1:
@@ -131,15 +131,11 @@ class Processor:
                 raise InvalidRequest("with messages, put images inside the message content")
             text, images = self.render_messages(messages, add_generation_prompt)
             ids = self._encode(text)
-        elif prompt is not None:
-            if not isinstance(prompt, str):
-                raise InvalidRequest("prompt must be a string")
-            ids = self._encode(prompt)
         else:
-            ids = self._check_ids(input_ids)
+            ids = self._encode(prompt) if prompt is not None else self._check_ids(input_ids)
         if not ids:
             raise InvalidRequest("prompt is empty")
-        image_inputs = tuple(self.image_input(x) for x in images)
+        image_inputs = tuple(self.image_input(x) for x in images or ())
         return PreparedPrompt(self._expand(ids, image_inputs), image_inputs)
 
     def render_messages(
@@ -161,16 +157,20 @@ class Processor:
         return text, images
 
     def _encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidRequest(f"prompt must be a string, got {type(text).__name__}")
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _check_ids(self, input_ids: Sequence[int]) -> list[int]:
+        if isinstance(input_ids, (str, bytes)):
+            raise InvalidRequest("input_ids must be a list of integers")
         ids = list(input_ids)
         for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int):
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
                 raise InvalidRequest(f"input_ids must be integers, got {type(t).__name__}")
             if not 0 <= t < self.vocab_size:
                 raise InvalidRequest(f"token id {t} is out of range [0, {self.vocab_size})")
-        return ids
+        return [int(t) for t in ids]
 
     def _expand(self, ids: list[int], images: tuple[ImageInput, ...]) -> tuple[int, ...]:
         """Expand one pad per image to num_tokens pads; accept runs that are already expanded."""
