@@ -11,15 +11,13 @@ believes, independent of how the token was picked.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
 from epdlang.sampling import SamplingParams
+from runtime.grammar import GrammarMatcher, apply_grammar_masks
 from runtime.messages import TokenLogprob
-
-if TYPE_CHECKING:
-    from runtime.grammar import GrammarMatcher
 
 
 @dataclass(eq=False)
@@ -29,7 +27,7 @@ class SamplingState:
     params: SamplingParams
     eos_ids: tuple[int, ...] = ()
     prompt_ids: Sequence[int] = ()
-    grammar: "GrammarMatcher | None" = None
+    grammar: GrammarMatcher | None = None
     output_ids: list[int] = field(default_factory=list)
     _generator: torch.Generator | None = field(default=None, repr=False)
     _counts: torch.Tensor | None = field(default=None, repr=False)  # [V] output token counts
@@ -118,8 +116,6 @@ def _process(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Ten
         rows, cols = zip(*blocked)
         x[list(rows), list(cols)] = float("-inf")
     if constrained:
-        from runtime.grammar import apply_grammar_masks
-
         apply_grammar_masks(x, [(states[i].grammar, i) for i in constrained])
     return x
 
