@@ -16,7 +16,6 @@ from epdlang.sampling import SamplingParams
 from runtime.config import EngineConfig
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.encoder_cache import EncoderCache
-from runtime.grammar import GrammarCompiler
 from runtime.engine_setup import build_kv, build_kv_manager
 from runtime.messages import GenerateRequest, RequestOutput
 from runtime.model_runner import Chunk, ChunkLogits, ModelRunner
@@ -55,14 +54,14 @@ class Engine:
         self.model = load_model(model, dtype=getattr(torch, self.config.dtype), device=self.config.device,
                                 load_vision=self.config.load_vision, load_lm=self.config.load_lm)
         self.kv_pool = build_kv(self.model.config, self.config)
-        self.kv = build_kv_manager(self.kv_pool, self.config)
+        self.kv = build_kv_manager(self.kv_pool, self.config, self.model.config.image_token_id)
         self.encoder_cache = EncoderCache(self.config.encoder_cache_bytes)
         self.runner = ModelRunner(self.model, self.kv_pool, self.model.config.image_token_id)
         self.scheduler = Scheduler(self.config, self.kv, self.encoder_cache)
         self.reqs: dict[str, Req] = {}
         self.stats: Counter[str] = Counter()
         self.stage_seconds: Counter[str] = Counter()
-        self._grammar: GrammarCompiler | None = None
+        self._grammar = None
 
     # ---- admission -------------------------------------------------------------------------
     def add_request(self, *, messages: list | None = None, prompt: str | None = None,
@@ -121,7 +120,9 @@ class Engine:
         return SamplingState(params, prompt_ids=msg.input_ids, eos_ids=self.processor.eos_token_ids,
                              grammar=grammar)
 
-    def grammar_compiler(self) -> GrammarCompiler:
+    def grammar_compiler(self) -> "GrammarCompiler":
+        from runtime.grammar import GrammarCompiler
+
         if self._grammar is None:
             self._grammar = GrammarCompiler(self.processor.tokenizer)
         return self._grammar
@@ -170,6 +171,10 @@ class Engine:
         for chunk, res in zip(chunks, results):
             self._advance(chunk, res)
         sampling = [(c.req, r.sample) for c, r in zip(chunks, results) if r.sample is not None]
+        for req, _ in [s for s in sampling if s[0].msg.sampling.max_new_tokens == 0]:
+            req.finish_reason = "length"  # prefill only: nothing to sample
+            self.scheduler.remove(req, cache=True)
+        sampling = [s for s in sampling if not s[0].finish_reason]
         if not sampling:
             return
         out = sample(torch.stack([lg for _, lg in sampling]), [r.sampling_state for r, _ in sampling])
@@ -184,6 +189,7 @@ class Engine:
             top_n = req.msg.sampling.logprobs or 0
             req.prompt_logprobs.extend(prompt_logprobs(res.prompt, targets, top_n))
         if chunk.samples and req.status is Status.WAITING:
+            self.kv.cache_computed(req)
             req.status = Status.RUNNING
             self.scheduler.waiting.remove(req)
             self.scheduler.running.append(req)
@@ -193,7 +199,7 @@ class Engine:
         req.pending_ids.append(token)
         if logprob is not None:
             req.pending_logprobs.append(logprob)
-        step = req.detok.append(token)
+        step = req.detok.append(token, req.sampling_state.grammar_terminated)
         req.pending_text += step.new_text
         if step.finished:
             req.finish_reason, req.matched_stop = step.finish_reason, step.matched_stop

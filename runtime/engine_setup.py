@@ -7,7 +7,7 @@ import torch
 
 from runtime.config import EngineConfig
 from runtime.forward_batch import KVPool
-from runtime.kv_manager import KVManager
+from runtime.kv_manager import KVManager, RadixKVManager
 from runtime.page_allocator import PageAllocator
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,8 @@ def build_kv(model_config, config: EngineConfig) -> KVPool:
                   model_config.head_dim, dtype, config.device)
 
 
-def build_kv_manager(pool: KVPool, config: EngineConfig) -> KVManager:
+def build_kv_manager(pool: KVPool, config: EngineConfig, image_token_id: int) -> KVManager:
     allocator = PageAllocator(pool.num_pages)
+    if config.enable_prefix_cache:
+        return RadixKVManager(allocator, config.page_size, image_token_id)
     return KVManager(allocator, config.page_size)

@@ -32,6 +32,7 @@ class Req:
     pages: list[int] = field(default_factory=list)  # block table: page of positions [j*ps, (j+1)*ps)
     num_shared_pages: int = 0  # leading pages owned by the prefix cache (locked), not by this request
     prefix_node: Any = None
+    prompt_keys: list | None = None  # radix-cache keys of the prompt (image tokens keyed by content hash)
     num_computed: int = 0  # tokens whose KV is in the pool
     cached_tokens: int = 0
     image_embeds: list[torch.Tensor | None] = field(default_factory=list)

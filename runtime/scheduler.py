@@ -134,7 +134,7 @@ class Scheduler:
         if victim in self.running:
             self.running.remove(victim)
             self.waiting.append(victim)
-        self.kv.release(victim, cache=False)
+        self.kv.release(victim, cache=True)  # its KV stays reusable until evicted, so recompute is cheap
         victim.status = Status.WAITING
         plan.preempted.append(victim)
         self.num_preemptions += 1
