@@ -39,15 +39,16 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         sink = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)  # noqa: E731
-        await self.call(lambda: self._submit(msg, sink))
+        submit = self.call_nowait(lambda: self._submit(msg, sink))
         finished = False
         try:
+            await asyncio.wrap_future(submit)
             while not finished:
                 out = await outputs.get()
                 finished = out.finished
                 yield out
         finally:
-            if not finished:
+            if not finished and _may_have_submitted(submit):
                 self.call_nowait(lambda: self.engine.abort(msg.rid))
 
     async def call(self, fn: Callable[[], Any]) -> Any:
@@ -58,6 +59,10 @@ class AsyncEngine:
         cmd = _Command(fn)
         self._commands.put(cmd)
         return cmd.future
+
+    def is_alive(self) -> bool:
+        """True while the engine thread runs (it stops only on `shutdown`)."""
+        return self._thread.is_alive()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -89,6 +94,8 @@ class AsyncEngine:
 
     @staticmethod
     def _run(cmd: _Command) -> None:
+        if not cmd.future.set_running_or_notify_cancel():
+            return  # the caller was cancelled before it ran
         try:
             cmd.future.set_result(cmd.fn())
         except BaseException as exc:  # the caller gets the error; the loop carries on
@@ -104,3 +111,10 @@ class AsyncEngine:
             sink = self._sinks.pop(out.rid, None) if out.finished else self._sinks.get(out.rid)
             if sink is not None:
                 sink(out)
+
+
+def _may_have_submitted(submit: Future) -> bool:
+    """False only if the submit surely never took effect (cancelled before it ran, or it raised)."""
+    if submit.cancelled():
+        return False
+    return not (submit.done() and submit.exception() is not None)

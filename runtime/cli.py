@@ -31,8 +31,15 @@ def _register_make_tiny_model(subparsers: "argparse._SubParsersAction") -> None:
     p.set_defaults(handler=_make_tiny_model)
 
 
+def _register_serve(subparsers: "argparse._SubParsersAction") -> None:
+    from runtime.server.cli import add_serve_parser
+
+    add_serve_parser(subparsers)
+
+
 SUBCOMMANDS: dict[str, Registrar] = {
     "make-tiny-model": _register_make_tiny_model,
+    "serve": _register_serve,
 }
 
 

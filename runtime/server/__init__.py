@@ -1,0 +1,1 @@
+"""The HTTP server: OpenAI-compatible and SGLang-native APIs over one `AsyncEngine`."""

@@ -1,0 +1,66 @@
+"""`epd serve MODEL ...`: flags to a `ServerConfig`, then run the server."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from runtime.server.config import Limits, ServerConfig
+
+SUPPORTED_INSTANCES = ("EPD",)
+
+
+def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
+    p = subparsers.add_parser("serve", help="serve a model over HTTP (OpenAI and SGLang APIs)")
+    p.add_argument("model", help="model directory, or 'tiny' for the cached tiny random checkpoint")
+    p.add_argument("--instances", default="EPD", help="topology spec (only EPD: one instance, all roles)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all routes but /health)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
+                   help="directory image files may be read from (repeatable; none: no local files)")
+    p.add_argument("--disable-remote-media", action="store_true", help="refuse http(s) image URLs")
+    d = Limits()
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
+    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
+    p.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens, help="prompt + output, per request")
+    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    p.add_argument("--max-n", type=int, default=d.max_n)
+    p.add_argument("--fetch-timeout", type=float, default=d.fetch_timeout_s, help="seconds per image download")
+    p.add_argument("--graceful-shutdown", type=float, default=30.0, help="seconds to drain requests on exit")
+    p.add_argument("--kv-cache-mb", type=int, default=None, help="KV pool size (engine default if unset)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(handler=serve)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    if args.instances.upper() not in SUPPORTED_INSTANCES:
+        raise SystemExit(f"--instances {args.instances!r}: only {SUPPORTED_INSTANCES} is supported so far")
+    model = args.model
+    if model == "tiny":
+        from runtime.tiny_model import ensure_tiny_model
+
+        model = str(ensure_tiny_model("tiny"))
+    overrides = {"kv_cache_bytes": args.kv_cache_mb and args.kv_cache_mb << 20,
+                 "max_model_len": args.max_model_len, "num_threads": args.num_threads}
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
+                    max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
+                    max_total_tokens=args.max_total_tokens, default_max_tokens=args.default_max_tokens,
+                    max_n=args.max_n, fetch_timeout_s=args.fetch_timeout)
+    return ServerConfig(
+        model_path=model, served_model_name=args.served_model_name or Path(args.model).name,
+        host=args.host, port=args.port, api_key=args.api_key,
+        allowed_media_dirs=tuple(Path(d) for d in args.allowed_local_media_path),
+        allow_remote_media=not args.disable_remote_media, limits=limits,
+        graceful_shutdown_s=args.graceful_shutdown,
+        engine_overrides={k: v for k, v in overrides.items() if v is not None})
+
+
+def serve(args: argparse.Namespace) -> int:
+    from runtime.server.app import run_server
+
+    return run_server(config_from_args(args), args.log_level)

@@ -1,0 +1,124 @@
+"""Prometheus figures, engine-state gauges refreshed on scrape, and JSON access logs."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+access_log = logging.getLogger("epdlang.access")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.http_requests = Counter("epd_http_requests", "HTTP requests by endpoint and status",
+                                     ["endpoint", "status"], registry=r)
+        self.finished = Counter("epd_requests_finished", "Engine requests by finish reason",
+                                ["finish_reason"], registry=r)
+        self.ttft = Histogram("epd_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.tpot = Histogram("epd_time_per_output_token_seconds", "Time per output token after the first",
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("epd_e2e_request_latency_seconds", "Submit to finish", buckets=LATENCY_BUCKETS,
+                             registry=r)
+        self.prompt_tokens = Counter("epd_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.cached_tokens = Counter("epd_cached_prompt_tokens", "Prompt tokens served from the prefix cache",
+                                     registry=r)
+        self.generation_tokens = Counter("epd_generation_tokens", "Generated tokens", registry=r)
+        self.engine = {name: Gauge(f"epd_{name}", doc, registry=r) for name, doc in ENGINE_GAUGES.items()}
+        self.ready = Gauge("epd_engine_ready", "1 when the engine is loaded and serving", registry=r)
+        self._prompt_total = self._cached_total = 0
+
+    def observe(self, ttft: float | None, e2e: float, prompt: int, cached: int, completion: int,
+                finish_reason: str | None) -> None:
+        """Record one finished engine request."""
+        self.finished.labels(finish_reason or "unknown").inc()
+        self.e2e.observe(e2e)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+            if completion > 1:
+                self.tpot.observe((e2e - ttft) / (completion - 1))
+        self.prompt_tokens.inc(prompt)
+        self.cached_tokens.inc(cached)
+        self._prompt_total += prompt
+        self._cached_total += cached
+        self.generation_tokens.inc(completion)
+
+    def update_engine(self, snapshot: dict[str, float]) -> None:
+        prompt = self._prompt_total
+        snapshot = {**snapshot, "prefix_cache_hit_rate": self._cached_total / prompt if prompt else 0.0}
+        for name, gauge in self.engine.items():
+            if name in snapshot:
+                gauge.set(snapshot[name])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+ENGINE_GAUGES = {
+    "num_waiting_requests": "Requests queued for prefill",
+    "num_running_requests": "Requests decoding",
+    "kv_used_pages": "KV pages held by requests or the prefix cache",
+    "kv_cached_pages": "KV pages held only by the prefix cache",
+    "kv_total_pages": "KV pages in the pool",
+    "kv_usage": "Fraction of KV pages in use",
+    "prefix_cache_hit_rate": "Cached prompt tokens / prompt tokens, over finished requests",
+    "encoder_cache_hit_rate": "Encoder-output cache hits / lookups",
+    "num_preemptions": "Requests preempted so far",
+}
+
+
+def engine_snapshot(engine: Any) -> dict[str, float]:
+    """Queue depth, KV and cache figures. Run it on the engine thread (`AsyncEngine.call`)."""
+    kv, sched, enc = engine.kv, engine.scheduler, engine.encoder_cache
+    used, total = kv.used_pages(), kv.total_pages
+    cached = getattr(kv, "cached_pages", None)
+    lookups = enc.hits + enc.misses
+    return {
+        "num_waiting_requests": len(sched.waiting),
+        "num_running_requests": len(sched.running),
+        "kv_used_pages": used,
+        "kv_cached_pages": cached() if callable(cached) else 0,
+        "kv_total_pages": total,
+        "kv_usage": used / total if total else 0.0,
+        "encoder_cache_hit_rate": enc.hits / lookups if lookups else 0.0,
+        "num_preemptions": sched.num_preemptions,
+        "num_requests_in_engine": len(engine.reqs),
+    } | {f"stats_{k}": v for k, v in engine.stats.items()}
+
+
+class AccessLogMiddleware:
+    """Counts every HTTP request by endpoint and status and writes one JSON log line for it."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: frozenset[str]) -> None:
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), 500
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        finally:
+            path = scope["path"]
+            endpoint = path if path in self.endpoints else "other"
+            self.metrics.http_requests.labels(endpoint, str(status)).inc()
+            client = scope.get("client") or ("", 0)
+            access_log.info(orjson.dumps({
+                "ts": round(time.time(), 3), "method": scope["method"], "path": path, "status": status,
+                "duration_ms": round((time.perf_counter() - t0) * 1000, 2), "client": f"{client[0]}:{client[1]}",
+            }).decode())

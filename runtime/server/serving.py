@@ -1,0 +1,257 @@
+"""What both APIs share: image loading, prompt preparation under limits, submitting engine requests,
+collecting or merging their outputs, metrics per request, and aborting on client disconnect."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+from PIL import Image
+
+from epdlang.errors import InvalidRequest, PromptTooLong
+from epdlang.sampling import SamplingParams
+from runtime.async_engine import AsyncEngine
+from runtime.messages import GenerateRequest, RequestOutput, TokenLogprob
+from runtime.preprocess import PreparedPrompt
+from runtime.server.config import ServerConfig
+from runtime.server.errors import ApiError
+from runtime.server.media import MediaLoader
+from runtime.server.metrics import Metrics
+
+T = TypeVar("T")
+
+
+@dataclass
+class Accum:
+    """Everything one engine request has produced so far. `zero_tokens`: prefill only, drop any output."""
+
+    rid: str
+    zero_tokens: bool = False
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
+    finished: bool = False
+    finish_reason: str | None = None
+    matched_stop: str | int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+    def add(self, out: RequestOutput) -> RequestOutput:
+        """Fold in one delta; return it as the client should see it (empty output when prefill-only)."""
+        if self.zero_tokens:  # the engine samples one token even then; the client must not see it
+            reason = "length" if out.finish_reason in ("stop", "length") else out.finish_reason
+            out = RequestOutput(out.rid, finished=out.finished, finish_reason=reason,
+                                prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
+                                prompt_logprobs=out.prompt_logprobs, error=out.error)
+        self.text += out.new_text
+        self.token_ids += out.new_token_ids
+        self.logprobs += out.logprobs
+        self.prompt_logprobs = out.prompt_logprobs or self.prompt_logprobs
+        self.finished, self.finish_reason, self.matched_stop = out.finished, out.finish_reason, out.matched_stop
+        self.prompt_tokens, self.cached_tokens, self.error = out.prompt_tokens, out.cached_tokens, out.error
+        self.completion_tokens = 0 if self.zero_tokens else out.completion_tokens
+        return out
+
+
+class EngineStream:
+    """One engine request. `start()` waits for its first output, so that errors the engine raises at
+    submit (an invalid regex, a prompt that can never fit) become a 4xx before any response is sent."""
+
+    def __init__(self, aengine: AsyncEngine, msg: GenerateRequest, metrics: Metrics, zero_tokens: bool) -> None:
+        self.msg, self.metrics = msg, metrics
+        self.acc = Accum(msg.rid, zero_tokens)
+        self._agen = aengine.generate(msg)
+        self._first: RequestOutput | None = None
+        self._t0 = time.perf_counter()
+        self._ttft: float | None = None
+
+    async def start(self) -> None:
+        self._first = await self._agen.__anext__()
+
+    async def deltas(self) -> AsyncIterator[RequestOutput]:
+        """Every delta, as `Accum.add` returns it; the first is the one `start()` received."""
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield self._record(first)
+        while not self.acc.finished:
+            yield self._record(await self._agen.__anext__())
+
+    async def drain(self) -> Accum:
+        async for _ in self.deltas():
+            pass
+        return self.acc
+
+    def _record(self, out: RequestOutput) -> RequestOutput:
+        out = self.acc.add(out)
+        if self._ttft is None and out.new_token_ids:
+            self._ttft = time.perf_counter() - self._t0
+        if out.finished:
+            a = self.acc
+            self.metrics.observe(self._ttft, time.perf_counter() - self._t0, a.prompt_tokens, a.cached_tokens,
+                                 a.completion_tokens, a.finish_reason)
+        return out
+
+    async def aclose(self) -> None:
+        await self._agen.aclose()
+
+
+class Frontend:
+    """Shared by the OpenAI and SGLang routes. Preprocessing runs on one worker thread (the tokenizer
+    is not safe to share between threads), engine work on the engine's own thread."""
+
+    def __init__(self, aengine: AsyncEngine, config: ServerConfig, metrics: Metrics) -> None:
+        self.aengine, self.config, self.metrics = aengine, config, metrics
+        self.processor = aengine.processor
+        self.limits = config.limits
+        self.media = MediaLoader(config.limits, config.allowed_media_dirs, config.allow_remote_media)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="preprocess")
+
+    async def close(self) -> None:
+        await self.media.aclose()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _in_pool(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    def check_image_count(self, n: int) -> None:
+        if n > self.limits.max_images:
+            raise ApiError(400, f"the request has {n} images; the limit is {self.limits.max_images}",
+                           "too_many_images")
+
+    async def load_images(self, refs: Sequence[str], raw_base64: bool = False) -> list[Image.Image]:
+        datas = await asyncio.gather(*(self.media.read(r, raw_base64) for r in refs))
+        return [await self._in_pool(self.media.decode, d) for d in datas]
+
+    async def prepare_chat(self, messages: list[dict]) -> PreparedPrompt:
+        """Apply the chat template to OpenAI-style messages whose image parts carry `image_url` refs."""
+        refs = [p["image_url"] for m in messages if isinstance(m.get("content"), list)
+                for p in m["content"] if p.get("type") == "image_url"]
+        self.check_image_count(len(refs))
+        images = iter(await self.load_images(refs))
+        resolved = [{**m, "content": [{"type": "image", "image": next(images)} if p.get("type") == "image_url"
+                                      else p for p in m["content"]]} if isinstance(m.get("content"), list) else m
+                    for m in messages]
+        return await self._in_pool(self.processor.prepare, resolved)
+
+    async def prepare_prompt(self, prompt: str | None = None, input_ids: Sequence[int] | None = None,
+                             images: Sequence[Image.Image] = ()) -> PreparedPrompt:
+        return await self._in_pool(self.processor.prepare, prompt=prompt, input_ids=input_ids, images=images)
+
+    def max_new_tokens(self, prompt_len: int, requested: int | None) -> int:
+        """The request's output budget; refuse requests over the total-token limit."""
+        room = self.limits.max_total_tokens - prompt_len
+        if room <= 0:
+            raise PromptTooLong(f"the prompt has {prompt_len} tokens; the limit for prompt plus output is "
+                                f"{self.limits.max_total_tokens}")
+        if requested is None:
+            return min(room, self.limits.default_max_tokens)
+        if requested > room:
+            raise PromptTooLong(f"prompt ({prompt_len} tokens) plus max tokens ({requested}) is over the limit "
+                                f"of {self.limits.max_total_tokens}")
+        return requested
+
+    def requests(self, rid: str, prepared: PreparedPrompt, params: SamplingParams, n: int,
+                 session_id: str | None = None) -> list[GenerateRequest]:
+        """n engine requests for one prompt: distinct rids, the seed (if any) offset per sample."""
+        if n > self.limits.max_n:
+            raise ApiError(400, f"n is {n}; the limit is {self.limits.max_n}", "invalid_value", "n")
+        out = []
+        for i in range(n):
+            seed = None if params.seed is None else params.seed + i
+            out.append(GenerateRequest(rid=rid if n == 1 else f"{rid}-{i}", input_ids=prepared.input_ids,
+                                       images=prepared.images, sampling=params.replace(n=1, seed=seed),
+                                       session_id=session_id))
+        return out
+
+    async def start(self, msgs: Sequence[GenerateRequest]) -> list[EngineStream]:
+        """Submit every request and wait for each one's first output; if any fails, abort them all."""
+        streams = [EngineStream(self.aengine, m, self.metrics, m.sampling.max_new_tokens == 0) for m in msgs]
+        results = await asyncio.gather(*(s.start() for s in streams), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await close_all(streams)
+            raise errors[0]
+        return streams
+
+
+async def close_all(streams: Sequence[EngineStream]) -> None:
+    await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+
+
+async def collect(streams: Sequence[EngineStream]) -> list[Accum]:
+    try:
+        return list(await asyncio.gather(*(s.drain() for s in streams)))
+    finally:
+        await close_all(streams)
+
+
+async def merged(streams: Sequence[EngineStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(index, delta) from several streams as they arrive. Closing this aborts whatever is unfinished."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: EngineStream) -> None:
+        try:
+            async for out in stream.deltas():
+                queue.put_nowait((i, out))
+        except Exception as exc:  # handed to the consumer
+            queue.put_nowait((i, exc))
+        queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                remaining -= 1
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await close_all(streams)
+
+
+class ClientDisconnected(ApiError):
+    def __init__(self) -> None:
+        super().__init__(499, "client disconnected", "client_disconnected")
+
+
+async def guarded(request: Request, work: Awaitable[T]) -> T:
+    """Run `work` unless the client disconnects first; then cancel it, which aborts its engine requests."""
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise ClientDisconnected()
+    finally:
+        for t in (task, watch):
+            t.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def check_logprob_start(start: int | None, prompt_len: int) -> None:
+    if start is not None and start >= prompt_len:
+        raise InvalidRequest(f"logprob_start_len ({start}) must be less than the prompt length ({prompt_len})")
+
+
+def token_texts(tokenizer: Any, ids: set[int] | Sequence[int]) -> dict[int, str]:
+    """Each token's text on its own (for logprobs), decoding every distinct id once."""
+    unique = sorted(set(ids))
+    return dict(zip(unique, tokenizer.batch_decode([[i] for i in unique])))
