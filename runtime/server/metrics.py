@@ -53,7 +53,7 @@ class Metrics:
 
     def update_engine(self, snapshot: dict[str, float]) -> None:
         prompt = self._prompt_total
-        snapshot = {**snapshot, "prefix_cache_hit_rate": self._cached_total / prompt if prompt else 0.0}
+        snapshot = {"prefix_cache_hit_rate": self._cached_total / prompt if prompt else 0.0, **snapshot}
         for name, gauge in self.engine.items():
             if name in snapshot:
                 gauge.set(snapshot[name])
@@ -66,10 +66,11 @@ ENGINE_GAUGES = {
     "num_waiting_requests": "Requests queued for prefill",
     "num_running_requests": "Requests decoding",
     "kv_used_pages": "KV pages held by requests or the prefix cache",
-    "kv_cached_pages": "KV pages held only by the prefix cache",
+    "kv_cached_pages": "KV pages owned by the prefix cache",
+    "kv_request_pages": "KV pages held by requests and not (yet) by the prefix cache",
     "kv_total_pages": "KV pages in the pool",
     "kv_usage": "Fraction of KV pages in use",
-    "prefix_cache_hit_rate": "Cached prompt tokens / prompt tokens, over finished requests",
+    "prefix_cache_hit_rate": "Prompt tokens found in the prefix cache / prompt tokens looked up",
     "encoder_cache_hit_rate": "Encoder-output cache hits / lookups",
     "num_preemptions": "Requests preempted so far",
 }
@@ -79,16 +80,19 @@ def engine_snapshot(engine: Any) -> dict[str, float]:
     """Queue depth, KV and cache figures. Run it on the engine thread (`AsyncEngine.call`)."""
     kv, sched, enc = engine.kv, engine.scheduler, engine.encoder_cache
     used, total = kv.used_pages(), kv.total_pages
-    cached = getattr(kv, "cached_pages", None)
+    radix = getattr(kv, "cache", None)  # None without a prefix cache
+    cached = radix.cached_pages if radix is not None else 0
     lookups = enc.hits + enc.misses
     return {
         "num_waiting_requests": len(sched.waiting),
         "num_running_requests": len(sched.running),
         "kv_used_pages": used,
-        "kv_cached_pages": cached() if callable(cached) else 0,
+        "kv_cached_pages": cached,
+        "kv_request_pages": used - cached,
         "kv_total_pages": total,
         "kv_usage": used / total if total else 0.0,
         "encoder_cache_hit_rate": enc.hits / lookups if lookups else 0.0,
+        **({"prefix_cache_hit_rate": radix.hit_rate} if radix is not None else {}),
         "num_preemptions": sched.num_preemptions,
         "num_requests_in_engine": len(engine.reqs),
     } | {f"stats_{k}": v for k, v in engine.stats.items()}

@@ -27,10 +27,9 @@ T = TypeVar("T")
 
 @dataclass
 class Accum:
-    """Everything one engine request has produced so far. `zero_tokens`: prefill only, drop any output."""
+    """Everything one engine request has produced so far."""
 
     rid: str
-    zero_tokens: bool = False
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -43,40 +42,34 @@ class Accum:
     cached_tokens: int = 0
     error: str | None = None
 
-    def add(self, out: RequestOutput) -> RequestOutput:
-        """Fold in one delta; return it as the client should see it (empty output when prefill-only)."""
-        if self.zero_tokens:  # the engine samples one token even then; the client must not see it
-            reason = "length" if out.finish_reason in ("stop", "length") else out.finish_reason
-            out = RequestOutput(out.rid, finished=out.finished, finish_reason=reason,
-                                prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
-                                prompt_logprobs=out.prompt_logprobs, error=out.error)
+    def add(self, out: RequestOutput) -> None:
         self.text += out.new_text
         self.token_ids += out.new_token_ids
         self.logprobs += out.logprobs
         self.prompt_logprobs = out.prompt_logprobs or self.prompt_logprobs
         self.finished, self.finish_reason, self.matched_stop = out.finished, out.finish_reason, out.matched_stop
         self.prompt_tokens, self.cached_tokens, self.error = out.prompt_tokens, out.cached_tokens, out.error
-        self.completion_tokens = 0 if self.zero_tokens else out.completion_tokens
-        return out
+        self.completion_tokens = out.completion_tokens
 
 
 class EngineStream:
     """One engine request. `start()` waits for its first output, so that errors the engine raises at
     submit (an invalid regex, a prompt that can never fit) become a 4xx before any response is sent."""
 
-    def __init__(self, aengine: AsyncEngine, msg: GenerateRequest, metrics: Metrics, zero_tokens: bool) -> None:
+    def __init__(self, aengine: AsyncEngine, msg: GenerateRequest, metrics: Metrics) -> None:
         self.msg, self.metrics = msg, metrics
-        self.acc = Accum(msg.rid, zero_tokens)
+        self.acc = Accum(msg.rid)
         self._agen = aengine.generate(msg)
         self._first: RequestOutput | None = None
         self._t0 = time.perf_counter()
         self._ttft: float | None = None
+        self._closed = False
 
     async def start(self) -> None:
         self._first = await self._agen.__anext__()
 
     async def deltas(self) -> AsyncIterator[RequestOutput]:
-        """Every delta, as `Accum.add` returns it; the first is the one `start()` received."""
+        """Every delta; the first is the one `start()` received."""
         if self._first is not None:
             first, self._first = self._first, None
             yield self._record(first)
@@ -89,7 +82,7 @@ class EngineStream:
         return self.acc
 
     def _record(self, out: RequestOutput) -> RequestOutput:
-        out = self.acc.add(out)
+        self.acc.add(out)
         if self._ttft is None and out.new_token_ids:
             self._ttft = time.perf_counter() - self._t0
         if out.finished:
@@ -99,6 +92,10 @@ class EngineStream:
         return out
 
     async def aclose(self) -> None:
+        """Abort the request if it has not finished (client gone, or a sibling request failed)."""
+        if not self.acc.finished and not self._closed:
+            self.metrics.finished.labels("abort").inc()
+        self._closed = True
         await self._agen.aclose()
 
 
@@ -172,7 +169,7 @@ class Frontend:
 
     async def start(self, msgs: Sequence[GenerateRequest]) -> list[EngineStream]:
         """Submit every request and wait for each one's first output; if any fails, abort them all."""
-        streams = [EngineStream(self.aengine, m, self.metrics, m.sampling.max_new_tokens == 0) for m in msgs]
+        streams = [EngineStream(self.aengine, m, self.metrics) for m in msgs]
         results = await asyncio.gather(*(s.start() for s in streams), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
