@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import random
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from runtime.forward_batch import KVPool
 from runtime.models import load_model
@@ -18,7 +22,7 @@ GRIDS = [(1, 16, 16), (1, 12, 20)]
 ATOL = 1e-4
 
 TEXT = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.1,
+            num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.1, bos_token_id=0, eos_token_id=1,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
 IDS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND)
 
@@ -31,14 +35,18 @@ def qwen2_config():
 def qwen2_5_config():
     vision = dict(depth=3, hidden_size=64, intermediate_size=96, num_heads=4, out_hidden_size=128,
                   window_size=112, fullatt_block_indexes=[1], initializer_range=0.1)
-    return transformers.Qwen2_5_VLConfig(text_config=TEXT, vision_config=vision, **IDS)
+    text = {**TEXT, "tie_word_embeddings": True}
+    return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **IDS)
 
 
 def save_checkpoint(cls, config, path, dtype=torch.float32):
     torch.manual_seed(0)
     hf = cls(config).eval()
-    hf.to(dtype).save_pretrained(path)
-    return hf.float()
+    if dtype == torch.float32:
+        hf.save_pretrained(path)
+        return hf
+    hf.to(dtype).save_pretrained(path)  # this also rounds rope buffers: reload for a clean reference
+    return cls.from_pretrained(path, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +104,14 @@ def test_text_prefill_matches(qwen2):
     torch.testing.assert_close(prefill_all(ours, ids), hf_logits(hf, ids), atol=ATOL, rtol=0)
 
 
-def test_ragged_prefill_then_batched_decode(qwen2):
+@pytest.mark.parametrize("page_size", [4, 16])
+def test_ragged_prefill_then_batched_decode(qwen2, page_size):
     hf, ours = qwen2
     prompts = [text_ids(7, 2), image_prompt(GRIDS[1:], 3), text_ids(23, 4)]
     pixels = pixels_for(GRIDS[1:], 5)
     embeds = torch.cat(ours.encode(pixels, torch.tensor(GRIDS[1:])))
-    kv = new_pool(ours, 256, page_size=4)
-    seqs = PagedSequences(kv)
+    kv = new_pool(ours, 256 // page_size, page_size)
+    seqs = PagedSequences(kv, shuffled_pages(256 // page_size, seed=page_size))
     rope = [ours.rope_positions(p, GRIDS[1:] if i == 1 else ()) for i, p in enumerate(prompts)]
     batch = seqs.build([Step(i, p, rope[i][0]) for i, p in enumerate(prompts)], image_embeds=embeds)
     logits = ours.prefill(batch, kv)
@@ -117,3 +126,125 @@ def test_ragged_prefill_then_batched_decode(qwen2):
             break
         steps = [Step(i, [ids[-1]], torch.full((3, 1), len(ids) - 1 + rope[i][1])) for i, ids in enumerate(seqs_ids)]
         logits = ours.decode(seqs.build(steps, is_decode=True), kv)
+
+
+def shuffled_pages(num_pages: int, seed: int = 0):
+    """An allocator over shuffled page ids, so block tables are never contiguous."""
+    free = list(range(num_pages))
+    random.Random(seed).shuffle(free)
+    return lambda n: [free.pop() for _ in range(n)]
+
+
+def test_vision_encode_matches(qwen2):
+    hf, ours = qwen2
+    pixels = pixels_for(GRIDS)
+    with torch.no_grad():
+        ref = hf.model.visual(pixels, grid_thw=torch.tensor(GRIDS)).pooler_output
+    out = ours.encode(pixels, torch.tensor(GRIDS))
+    assert [o.shape[0] for o in out] == [64, 60]
+    torch.testing.assert_close(torch.cat(out), ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("grids", [[], GRIDS[:1], GRIDS, [(1, 4, 6), (1, 8, 8), (1, 2, 2)]])
+def test_rope_positions_match_get_rope_index(qwen2, grids):
+    hf, ours = qwen2
+    ids = image_prompt(grids, 7) if grids else text_ids(20, 7)
+    input_ids = torch.tensor([ids])
+    ref, ref_delta = hf.model.get_rope_index(input_ids, mm_token_type_ids=(input_ids == IMG).int(),
+                                             image_grid_thw=torch.tensor(grids) if grids else None)
+    pos, delta = ours.rope_positions(ids, grids)
+    assert torch.equal(pos, ref[:, 0]) and delta == int(ref_delta)
+
+
+def test_rope_positions_reject_grid_mismatch(qwen2):
+    _, ours = qwen2
+    with pytest.raises(ValueError):
+        ours.rope_positions(image_prompt(GRIDS[:1], 0), GRIDS)
+    with pytest.raises(ValueError):
+        ours.rope_positions(image_prompt(GRIDS, 0), GRIDS[:1])
+
+
+def test_two_image_prefill_matches(qwen2):
+    hf, ours = qwen2
+    ids, pixels = image_prompt(GRIDS, 8), pixels_for(GRIDS, 9)
+    ref = hf_logits(hf, ids, GRIDS, pixels)
+    torch.testing.assert_close(prefill_all(ours, ids, GRIDS, pixels), ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_chunked_prefill_matches(qwen2, page_size):
+    hf, ours = qwen2
+    ids, pixels = image_prompt(GRIDS, 10), pixels_for(GRIDS, 11)
+    ref = hf_logits(hf, ids, GRIDS, pixels)
+    embeds = torch.cat(ours.encode(pixels, torch.tensor(GRIDS)))
+    pos, _ = ours.rope_positions(ids, GRIDS)
+    kv = new_pool(ours, 400 // page_size, page_size)
+    seqs = PagedSequences(kv, shuffled_pages(400 // page_size))
+    cuts, used = [0, 30, 100, len(ids)], 0
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        n_img = sum(t == IMG for t in ids[a:b])
+        chunk_embeds = embeds[used:used + n_img] if n_img else None
+        used += n_img
+        logits = ours.prefill(seqs.build([Step(0, ids[a:b], pos[:, a:b])], image_embeds=chunk_embeds,
+                                         all_logits=True), kv)
+        torch.testing.assert_close(logits, ref[a:b], atol=ATOL, rtol=0)
+
+
+def test_partial_loads(qwen2, tmp_path):
+    hf, ours = qwen2
+    save_checkpoint(transformers.Qwen2VLForConditionalGeneration, qwen2_config(), tmp_path)
+    encoder = load_model(tmp_path, load_lm=False)
+    lm = load_model(tmp_path, load_vision=False)
+    assert encoder.lm is None and not any(n.startswith("lm.") for n, _ in encoder.named_parameters())
+    assert lm.visual is None and not any(n.startswith("visual.") for n, _ in lm.named_parameters())
+    pixels = pixels_for(GRIDS[:1])
+    torch.testing.assert_close(encoder.encode(pixels, torch.tensor(GRIDS[:1]))[0],
+                               ours.encode(pixels, torch.tensor(GRIDS[:1]))[0], atol=0, rtol=0)
+    ids = text_ids(12, 12)
+    torch.testing.assert_close(prefill_all(lm, ids), prefill_all(ours, ids), atol=0, rtol=0)
+
+
+def test_bf16_checkpoint_loads(tmp_path):
+    hf = save_checkpoint(transformers.Qwen2VLForConditionalGeneration, qwen2_config(), tmp_path, torch.bfloat16)
+    assert next(iter(load_file(tmp_path / "model.safetensors").values())).dtype == torch.bfloat16
+    ids, pixels = image_prompt(GRIDS[1:], 13), pixels_for(GRIDS[1:], 14)
+    ref = hf_logits(hf, ids, GRIDS[1:], pixels)  # bf16-rounded weights, run in fp32
+    fp32 = prefill_all(load_model(tmp_path), ids, GRIDS[1:], pixels)
+    torch.testing.assert_close(fp32, ref, atol=ATOL, rtol=0)
+    bf16_model = load_model(tmp_path, dtype=torch.bfloat16)
+    assert bf16_model.config.dtype == torch.bfloat16
+    bf16 = prefill_all(bf16_model, ids, GRIDS[1:], pixels.bfloat16())
+    hf_bf16 = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ref_bf16 = hf_logits(hf_bf16, ids, GRIDS[1:], pixels.bfloat16()).float()
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, ref_bf16, atol=1e-2, rtol=0)
+
+
+def to_transformers5_shards(path: Path) -> None:
+    """Rewrite a checkpoint as transformers 5 names it in memory (`model.language_model.*`, `model.visual.*`),
+    in two shards with an index, to cover that layout and sharded loading."""
+    weights = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    renamed = {("model.language_model." + k[6:] if k.startswith("model.") else
+                "model." + k if k.startswith("visual.") else k): v for k, v in weights.items()}
+    keys = sorted(renamed)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, shard_keys in shards.items():
+        save_file({k: renamed[k].contiguous() for k in shard_keys}, path / name)
+    index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_qwen2_5_vl_matches(tmp_path):
+    hf = save_checkpoint(transformers.Qwen2_5_VLForConditionalGeneration, qwen2_5_config(), tmp_path)
+    to_transformers5_shards(tmp_path)
+    ours = load_model(tmp_path)
+    assert ours.config.architecture == "Qwen2_5_VLForConditionalGeneration"
+    assert ours.config.text.tie_word_embeddings
+    pixels = pixels_for(GRIDS, 15)
+    with torch.no_grad():
+        ref_embeds = hf.model.visual(pixels, grid_thw=torch.tensor(GRIDS)).pooler_output
+    torch.testing.assert_close(torch.cat(ours.encode(pixels, torch.tensor(GRIDS))), ref_embeds, atol=ATOL, rtol=0)
+    ids = image_prompt(GRIDS, 16)
+    ref = hf_logits(hf, ids, GRIDS, pixels)
+    torch.testing.assert_close(prefill_all(ours, ids, GRIDS, pixels), ref, atol=ATOL, rtol=0)

@@ -87,6 +87,8 @@ def text_config_from_hf(raw: dict) -> TextConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "mrope"):
         raise NotImplementedError(f"rope type {rope_type!r} is not supported")
+    if t.get("use_sliding_window"):
+        raise NotImplementedError("sliding-window attention is not supported")
     heads = t["num_attention_heads"]
     head_dim = t.get("head_dim") or t["hidden_size"] // heads
     tied = bool(raw.get("tie_word_embeddings", False) or t.get("tie_word_embeddings", False))

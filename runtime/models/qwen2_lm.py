@@ -28,8 +28,8 @@ class Attention(nn.Module):
         k = apply_rope(k.view(t, self.kv_heads, self.head_dim), cos, sin)
         v = v.view(t, self.kv_heads, self.head_dim)
         k_pool, v_pool = kv.k[layer], kv.v[layer]
-        k_pool[out_slots] = k.to(k_pool.dtype)
-        v_pool[out_slots] = v.to(v_pool.dtype)
+        k_pool.index_copy_(0, out_slots, k.to(k_pool.dtype))
+        v_pool.index_copy_(0, out_slots, v.to(v_pool.dtype))
         if plan.is_decode:
             o = backend.decode(q, k_pool, v_pool, plan)
         else:

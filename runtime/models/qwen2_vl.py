@@ -31,7 +31,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         materialize(self, config.dtype, device)
         if self.lm is not None:
             self.lm.setup(torch.device(device))
-        self.backend = get_backend(attn_backend, device)
+        self.backend = get_backend(attn_backend, device, config.dtype)
         self.requires_grad_(False)
 
     @property
