@@ -1,0 +1,1 @@
+"""`epd bench`: synthetic multimodal serving workloads against any OpenAI-compatible endpoint."""
