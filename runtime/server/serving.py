@@ -157,8 +157,8 @@ class Frontend:
     def requests(self, rid: str, prepared: PreparedPrompt, params: SamplingParams, n: int,
                  session_id: str | None = None) -> list[GenerateRequest]:
         """n engine requests for one prompt: distinct rids, the seed (if any) offset per sample."""
-        if n > self.limits.max_n:
-            raise ApiError(400, f"n is {n}; the limit is {self.limits.max_n}", "invalid_value", "n")
+        if not 1 <= n <= self.limits.max_n:
+            raise ApiError(400, f"n is {n}; it must be in [1, {self.limits.max_n}]", "invalid_value", "n")
         out = []
         for i in range(n):
             seed = None if params.seed is None else params.seed + i

@@ -5,10 +5,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
-
-import orjson
 
 from runtime.server.errors import error_body, from_exception
 from runtime.server.metrics import engine_snapshot
@@ -26,7 +25,8 @@ def _model_info(request: Request) -> dict:
     cfg = request.app.state.config
     return {"model_path": cfg.model_path, "tokenizer_path": cfg.model_path, "is_generation": True,
             "preferred_sampling_params": None, "weight_version": "default", "has_image_understanding": True,
-            "has_audio_understanding": False, "model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"]}
+            "has_audio_understanding": False, "model_type": "qwen2_vl",
+            "architectures": ["Qwen2VLForConditionalGeneration"]}
 
 
 @router.get("/get_model_info")
@@ -97,7 +97,8 @@ async def _requests(fe: Frontend, req: GenerateReqInput) -> tuple[list, list[Log
         requested = DEFAULT_MAX_NEW_TOKENS if sp.max_new_tokens is None else sp.max_new_tokens
         budget = fe.max_new_tokens(plen, requested)
         params = sp.to_params(budget, top_n if want_lp else None, lp_start, fe.limits.max_stop)
-        new = fe.requests(rid or uuid.uuid4().hex, prepared, params, sp.n or 1, req.session_id)
+        samples = 1 if sp.n is None else sp.n
+        new = fe.requests(rid or uuid.uuid4().hex, prepared, params, samples, req.session_id)
         msgs += new
         opts += [LogprobOptions(want_lp, lp_start, top_n, req.return_text_in_logprobs, prepared.input_ids)] * len(new)
     return msgs, opts
