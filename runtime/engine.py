@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from runtime.models import load_model
 from runtime.preprocess import Processor
 from runtime.request import Req, Status
 from runtime.sampler import SamplingState, prompt_logprobs, sample
-from runtime.scheduler import Scheduler, StepPlan
+from runtime.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class Engine:
         self.stats: Counter[str] = Counter()
         self.stage_seconds: Counter[str] = Counter()
         self._grammar = None
+        overlap = self.config.overlap_encode and None not in (self.model.visual, self.model.lm)
+        self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="encoder") if overlap else None
+        self._encode_job: tuple[Future, list] | None = None
 
     # ---- admission -------------------------------------------------------------------------
     def add_request(self, *, messages: list | None = None, prompt: str | None = None,
@@ -132,32 +136,49 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
-        self._run_encode(plan)
+        self._finish_encode(wait=False)
+        plan = self.scheduler.schedule(allow_encode=self._encode_job is None)
+        if plan.encode:
+            self._start_encode(plan.encode)
         batches = [(plan.decode, True), (plan.prefill, False)]
         if self.config.schedule_policy == "prefill-first":
             batches.reverse()
+        ran_lm = False
         for chunks, is_decode in batches:
             if chunks:
                 self._run_lm(chunks, is_decode)
+                ran_lm = True
+        if not ran_lm:
+            self._finish_encode(wait=True)  # nothing else to do: don't spin while the encoder works
         return self._collect_outputs()
 
-    def _run_encode(self, plan: StepPlan) -> None:
+    def _start_encode(self, picked: list[tuple[Req, int]]) -> None:
+        """Run the vision tower for `picked`, on the encoder thread when overlap is on."""
         todo: dict[str, tuple[Any, list[tuple[Req, int]]]] = {}
-        for req, i in plan.encode:
+        for req, i in picked:
             image = req.msg.images[i]
             todo.setdefault(image.content_hash, (image, []))[1].append((req, i))
-        if not todo:
-            return
-        t0 = time.perf_counter()
         images = [image for image, _ in todo.values()]
-        embeds = self.runner.encode([im.pixel_values for im in images], [im.grid_thw for im in images])
-        for (image, users), emb in zip(todo.values(), embeds):
+        job = lambda: self._timed_encode(images)  # noqa: E731
+        future = self._encoder_pool.submit(job) if self._encoder_pool else _done(job)
+        self._encode_job = (future, list(todo.values()))
+
+    def _timed_encode(self, images: list) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        out = self.runner.encode([im.pixel_values for im in images], [im.grid_thw for im in images])
+        self.stage_seconds["encode"] += time.perf_counter() - t0
+        return out
+
+    def _finish_encode(self, wait: bool) -> None:
+        if self._encode_job is None or not (wait or self._encode_job[0].done()):
+            return
+        future, todo = self._encode_job
+        self._encode_job = None
+        for (image, users), emb in zip(todo, future.result()):
             self.encoder_cache.put(image.content_hash, emb)
             for req, i in users:
                 req.image_embeds[i] = emb
-        self.stats["images_encoded"] += len(images)
-        self.stage_seconds["encode"] += time.perf_counter() - t0
+        self.stats["images_encoded"] += len(todo)
 
     def _run_lm(self, chunks: list[Chunk], is_decode: bool) -> None:
         t0 = time.perf_counter()
@@ -268,6 +289,12 @@ class Engine:
 
     def check_integrity(self) -> None:
         self.kv.check_integrity(self.scheduler.requests())
+
+
+def _done(fn) -> Future:
+    future: Future = Future()
+    future.set_result(fn())
+    return future
 
 
 def _merge(rid: str, deltas: list[RequestOutput]) -> Completion:

@@ -29,7 +29,6 @@ class Scheduler:
         self.max_running = config.max_running
         self.waiting: list[Req] = []
         self.running: list[Req] = []
-        self.encoding: set[tuple[str, int]] = set()  # (rid, image index) handed to the encoder, not yet back
         self.num_preemptions = 0
 
     def add(self, req: Req) -> None:
@@ -49,11 +48,11 @@ class Scheduler:
         self.kv.release(req, cache=cache)
         req.status = Status.FINISHED
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, allow_encode: bool = True) -> StepPlan:
         plan = StepPlan()
         self.waiting.sort(key=lambda r: r.priority_key)
         self.running.sort(key=lambda r: r.priority_key)
-        plan.encode = self._schedule_encode()
+        plan.encode = self._schedule_encode(allow_encode)
         if self.config.schedule_policy == "decode-first":
             plan.decode = self._schedule_decode(plan)
             plan.prefill = self._schedule_prefill(plan)
@@ -62,18 +61,18 @@ class Scheduler:
             plan.decode = self._schedule_decode(plan)
         return plan
 
-    def _schedule_encode(self) -> list[tuple[Req, int]]:
+    def _schedule_encode(self, allow: bool) -> list[tuple[Req, int]]:
         picked, tokens = [], 0
         for req in self.waiting:
             for i, image in enumerate(req.msg.images):
-                if req.image_embeds[i] is not None or (req.rid, i) in self.encoding:
+                if req.image_embeds[i] is not None:
                     continue
-                cached = self.encoder_cache.get(image.content_hash)
-                if cached is not None:
-                    req.image_embeds[i] = cached
+                if image.content_hash in self.encoder_cache:  # `in` first: waiting must not count as misses
+                    req.image_embeds[i] = self.encoder_cache.get(image.content_hash)
                     continue
-                if picked and tokens + image.num_tokens > self.encode_budget:
-                    return picked
+                if not allow or (picked and tokens + image.num_tokens > self.encode_budget):
+                    allow = False
+                    continue
                 picked.append((req, i))
                 tokens += image.num_tokens
         return picked

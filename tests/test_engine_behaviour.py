@@ -64,7 +64,7 @@ def test_small_kv_pool_preempts_and_matches(tiny_model_dir, no_cache):
     specs = list(parity_prompts().values())[:6]
     params = SamplingParams(max_new_tokens=24)
     expected = [o.token_ids for o in no_cache.generate(specs, params)]
-    tight = Engine(tiny_model_dir, page_size=16, num_pages=40)
+    tight = Engine(tiny_model_dir, page_size=16, num_pages=22)
     outs = tight.generate(specs, params)
     assert [o.token_ids for o in outs] == expected
     assert tight.scheduler.num_preemptions > 0
