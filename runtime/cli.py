@@ -37,9 +37,26 @@ def _register_serve(subparsers: "argparse._SubParsersAction") -> None:
     add_serve_parser(subparsers)
 
 
+def _register_bench(subparsers: "argparse._SubParsersAction") -> None:
+    # benchmarks/ is a top-level directory of the repository, not part of the installed packages.
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.append(root)
+    try:
+        from benchmarks.serving.cli import add_bench_parser
+    except ImportError as e:
+        p = subparsers.add_parser("bench", help="benchmark a server (needs the repository's benchmarks/)")
+        p.set_defaults(handler=lambda _args: sys.exit(f"epd bench is unavailable: {e}"))
+        return
+    add_bench_parser(subparsers)
+
+
 SUBCOMMANDS: dict[str, Registrar] = {
     "make-tiny-model": _register_make_tiny_model,
     "serve": _register_serve,
+    "bench": _register_bench,
 }
 
 
