@@ -126,7 +126,7 @@ def _lookup(d: Mapping, dotted: str) -> object:
 def compare_table(files: Sequence[Path]) -> str:
     """Each metric side by side, with the ratio of every file to the first."""
     docs = [json.loads(Path(f).read_text()) for f in files]
-    names = [f"{d.get('label', '?')}@{_fmt(d.get('request_rate'))}" if d.get("kind") == "run"
+    names = [f"{d.get('label', '?')}@{d.get('request_rate')}" if d.get("kind") == "run"
              else f"{d.get('label', '?')} (sweep)" for d in docs]
     col = max(14, *(len(n) + 2 for n in names))
     lines = ["metric".ljust(16) + "".join(n.rjust(col) for n in names) + "   ratios vs first"]
