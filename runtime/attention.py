@@ -43,6 +43,23 @@ def sequence_slots(block_tables: torch.Tensor, page_size: int, max_len: int) -> 
     return pages * page_size + pos % page_size
 
 
+def _offsets(lens: list[int]) -> list[int]:
+    """[0, l0, l0 + l1, ...]"""
+    out = [0]
+    for n in lens:
+        out.append(out[-1] + n)
+    return out
+
+
+def _base_plan(batch: ForwardBatch, page_size: int, device: torch.device) -> AttnPlan:
+    ext, lens = batch.extend_lens, batch.seq_lens
+    if batch.is_decode and any(e != 1 for e in ext):
+        raise ValueError("a decode batch has exactly one new token per sequence")
+    kv_index = sequence_slots(batch.block_tables.to(device), page_size, max(lens))
+    prefix = [s - e for s, e in zip(lens, ext)]
+    return AttnPlan(batch.is_decode, kv_index, None, None, max(ext), prefix, ext, lens, _offsets(ext), {})
+
+
 class AttentionBackend:
     """Interface: plan once per forward, then call per layer."""
 
@@ -89,14 +106,8 @@ class SdpaBackend(AttentionBackend):
         self.prefill_mode = prefill_mode
 
     def plan(self, batch: ForwardBatch, page_size: int, device: torch.device) -> AttnPlan:
-        ext, lens = batch.extend_lens, batch.seq_lens
-        prefix = [s - e for s, e in zip(lens, ext)]
-        cu_q = [0]
-        for e in ext:
-            cu_q.append(cu_q[-1] + e)
-        kv_index = sequence_slots(batch.block_tables.to(device), page_size, max(lens))
-        max_q = 1 if batch.is_decode else max(ext)
-        plan = AttnPlan(batch.is_decode, kv_index, None, None, max_q, prefix, ext, lens, cu_q, {})
+        plan = _base_plan(batch, page_size, device)
+        prefix, ext, lens, max_q = plan.prefix_lens, plan.extend_lens, plan.seq_lens, plan.max_q
         if batch.is_decode or self.prefill_mode == "padded":
             plan.mask = _padded_mask(prefix, ext, lens, max_q, device)
             if not batch.is_decode:
@@ -193,27 +204,22 @@ class FlashAttnBackend(AttentionBackend):
     name = "flash_attn"
 
     def __init__(self) -> None:
-        import flash_attn  # noqa: F401  (fail early if missing)
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
         self._varlen, self._kvcache = flash_attn_varlen_func, flash_attn_with_kvcache
 
     def plan(self, batch: ForwardBatch, page_size: int, device: torch.device) -> AttnPlan:
-        ext, lens = batch.extend_lens, batch.seq_lens
-        prefix = [s - e for s, e in zip(lens, ext)]
-        kv_index = sequence_slots(batch.block_tables.to(device), page_size, max(lens))
-        valid = torch.arange(max(lens), device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
-        cu_q = [0]
-        for e in ext:
-            cu_q.append(cu_q[-1] + e)
-        extra = {
-            "flat_kv": kv_index[valid],
-            "cu_q": torch.tensor(cu_q, dtype=torch.int32, device=device),
-            "cu_k": torch.tensor([0] + _cumsum(lens), dtype=torch.int32, device=device),
-            "seq_lens": torch.tensor(lens, dtype=torch.int32, device=device),
-            "page_size": page_size,
-            "block_tables": batch.block_tables.to(device=device, dtype=torch.int32),
-        }
-        return AttnPlan(batch.is_decode, kv_index, None, None, max(ext), prefix, ext, lens, cu_q, extra)
+        plan = _base_plan(batch, page_size, device)
+        lens = torch.tensor(plan.seq_lens, device=device)
+        valid = torch.arange(plan.kv_index.shape[1], device=device)[None, :] < lens[:, None]
+        plan.extra.update(
+            flat_kv=plan.kv_index[valid],
+            cu_q=torch.tensor(plan.cu_q, dtype=torch.int32, device=device),
+            cu_k=torch.tensor(_offsets(plan.seq_lens), dtype=torch.int32, device=device),
+            seq_lens=lens.to(torch.int32),
+            page_size=page_size,
+            block_tables=batch.block_tables.to(device=device, dtype=torch.int32),
+        )
+        return plan
 
     def prefill(self, q, k, v, k_pool, v_pool, plan):
         return self._gathered(q, k_pool, v_pool, plan)
@@ -237,14 +243,6 @@ class FlashAttnBackend(AttentionBackend):
         cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
         longest = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
         return self._varlen(q, k, v, cu, cu, longest, longest, causal=False)
-
-
-def _cumsum(xs: list[int]) -> list[int]:
-    out, total = [], 0
-    for x in xs:
-        total += x
-        out.append(total)
-    return out
 
 
 ATTENTION_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {

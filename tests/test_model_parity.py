@@ -1,18 +1,17 @@
 """Our Qwen2-VL / Qwen2.5-VL against transformers on the same random checkpoint (fp32, atol 1e-4)."""
 from __future__ import annotations
 
-import random
-
 import json
+import random
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from model_utils import PagedSequences, Step
 from runtime.forward_batch import KVPool
 from runtime.models import load_model
-from model_utils import PagedSequences, Step
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,9 +49,15 @@ def save_checkpoint(cls, config, path, dtype=torch.float32):
 
 
 @pytest.fixture(scope="module")
-def qwen2(tmp_path_factory):
+def qwen2_checkpoint(tmp_path_factory):
+    """(checkpoint dir, the transformers model saved there)."""
     path = tmp_path_factory.mktemp("qwen2vl")
-    hf = save_checkpoint(transformers.Qwen2VLForConditionalGeneration, qwen2_config(), path)
+    return path, save_checkpoint(transformers.Qwen2VLForConditionalGeneration, qwen2_config(), path)
+
+
+@pytest.fixture(scope="module")
+def qwen2(qwen2_checkpoint):
+    path, hf = qwen2_checkpoint
     return hf, load_model(path)
 
 
@@ -88,6 +93,13 @@ def new_pool(model, num_pages: int = 64, page_size: int = 1, dtype=None) -> KVPo
     return KVPool(c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim, dtype or c.dtype)
 
 
+def shuffled_pages(num_pages: int, seed: int = 0):
+    """An allocator over shuffled page ids, so block tables are never contiguous."""
+    free = list(range(num_pages))
+    random.Random(seed).shuffle(free)
+    return lambda n: [free.pop() for _ in range(n)]
+
+
 def prefill_all(model, ids, grids=(), pixels=None, page_size=1, num_pages=512):
     """Our logits at every position of one prompt."""
     kv = new_pool(model, num_pages, page_size)
@@ -104,9 +116,10 @@ def test_text_prefill_matches(qwen2):
     torch.testing.assert_close(prefill_all(ours, ids), hf_logits(hf, ids), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("page_size", [4, 16])
-def test_ragged_prefill_then_batched_decode(qwen2, page_size):
-    hf, ours = qwen2
+@pytest.mark.parametrize("page_size, backend", [(4, "sdpa"), (16, "sdpa"), (16, "sdpa_padded")])
+def test_ragged_prefill_then_batched_decode(qwen2_checkpoint, page_size, backend):
+    path, hf = qwen2_checkpoint
+    ours = load_model(path, attn_backend=backend)
     prompts = [text_ids(7, 2), image_prompt(GRIDS[1:], 3), text_ids(23, 4)]
     pixels = pixels_for(GRIDS[1:], 5)
     embeds = torch.cat(ours.encode(pixels, torch.tensor(GRIDS[1:])))
@@ -116,23 +129,30 @@ def test_ragged_prefill_then_batched_decode(qwen2, page_size):
     batch = seqs.build([Step(i, p, rope[i][0]) for i, p in enumerate(prompts)], image_embeds=embeds)
     logits = ours.prefill(batch, kv)
     seqs_ids = [list(p) for p in prompts]
-    for step in range(6):
+    for step in range(6):  # the prefill's logits, then 5 batched greedy decode steps
+        if step:
+            steps = [Step(i, [ids[-1]], torch.full((3, 1), len(ids) - 1 + rope[i][1]))
+                     for i, ids in enumerate(seqs_ids)]
+            logits = ours.decode(seqs.build(steps, is_decode=True), kv)
         for i, ids in enumerate(seqs_ids):
             grids = GRIDS[1:] if i == 1 else ()
             ref = hf_logits(hf, ids, grids, pixels if grids else None)[-1]
             torch.testing.assert_close(logits[i], ref, atol=ATOL, rtol=0, msg=f"seq {i} step {step}")
             ids.append(int(logits[i].argmax()))
-        if step == 5:
-            break
-        steps = [Step(i, [ids[-1]], torch.full((3, 1), len(ids) - 1 + rope[i][1])) for i, ids in enumerate(seqs_ids)]
-        logits = ours.decode(seqs.build(steps, is_decode=True), kv)
 
 
-def shuffled_pages(num_pages: int, seed: int = 0):
-    """An allocator over shuffled page ids, so block tables are never contiguous."""
-    free = list(range(num_pages))
-    random.Random(seed).shuffle(free)
-    return lambda n: [free.pop() for _ in range(n)]
+def test_mixed_prefill_batch(qwen2):
+    """One sequence continues from cached KV while another starts fresh, in the same pass."""
+    hf, ours = qwen2
+    a, b = text_ids(50, 20), text_ids(15, 21)
+    kv = new_pool(ours, 32, page_size=4)
+    seqs = PagedSequences(kv, shuffled_pages(32, seed=3))
+    ours.prefill(seqs.build([Step(0, a[:20], torch.arange(20).expand(3, -1))]), kv)
+    batch = seqs.build([Step(0, a[20:], torch.arange(20, 50).expand(3, -1)),
+                        Step(1, b, torch.arange(15).expand(3, -1))], all_logits=True)
+    logits = ours.prefill(batch, kv)
+    torch.testing.assert_close(logits[:30], hf_logits(hf, a)[20:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[30:], hf_logits(hf, b), atol=ATOL, rtol=0)
 
 
 def test_vision_encode_matches(qwen2):
@@ -190,11 +210,10 @@ def test_chunked_prefill_matches(qwen2, page_size):
         torch.testing.assert_close(logits, ref[a:b], atol=ATOL, rtol=0)
 
 
-def test_partial_loads(qwen2, tmp_path):
-    hf, ours = qwen2
-    save_checkpoint(transformers.Qwen2VLForConditionalGeneration, qwen2_config(), tmp_path)
-    encoder = load_model(tmp_path, load_lm=False)
-    lm = load_model(tmp_path, load_vision=False)
+def test_partial_loads(qwen2_checkpoint, qwen2):
+    path, ours = qwen2_checkpoint[0], qwen2[1]
+    encoder = load_model(path, load_lm=False)
+    lm = load_model(path, load_vision=False)
     assert encoder.lm is None and not any(n.startswith("lm.") for n, _ in encoder.named_parameters())
     assert lm.visual is None and not any(n.startswith("visual.") for n, _ in lm.named_parameters())
     pixels = pixels_for(GRIDS[:1])
@@ -248,3 +267,14 @@ def test_qwen2_5_vl_matches(tmp_path):
     ids = image_prompt(GRIDS, 16)
     ref = hf_logits(hf, ids, GRIDS, pixels)
     torch.testing.assert_close(prefill_all(ours, ids, GRIDS, pixels), ref, atol=ATOL, rtol=0)
+
+
+def test_missing_weight_is_an_error(qwen2_checkpoint, tmp_path):
+    src = qwen2_checkpoint[0]
+    weights = load_file(src / "model.safetensors")
+    del weights["model.layers.1.self_attn.k_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(KeyError, match=r"layers\.1\.self_attn\.qkv_proj\.weight\[1\]"):
+        load_model(tmp_path)
+    load_model(tmp_path, load_lm=False)  # the vision tower alone is complete

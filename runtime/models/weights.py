@@ -74,34 +74,30 @@ def load_weights(module: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
     (e.g. a tied LM head) are ignored.
     """
     params = dict(module.named_parameters())
-    owners = {f"{m}.{p}" if m else p: mod
-              for m, mod in module.named_modules() for p, _ in mod.named_parameters(recurse=False)}
-    expected = {(n, s) for n, p in params.items() for s in _shards(owners.get(n), n)}
+    shard_sizes = {f"{m}.{p}": mod.shard_sizes for m, mod in module.named_modules()
+                   if isinstance(mod, MergedLinear) for p, _ in mod.named_parameters(recurse=False)}
+    expected = {(n, s) for n in params for s in (range(len(shard_sizes[n])) if n in shard_sizes else [None])}
     loaded, unexpected = set(), []
     for name, tensor in weights:
-        target, shard = _target(name, params)
         if name in skip or name.endswith(IGNORED_SUFFIXES):
             continue
+        target, shard = _target(name, params)
         if target not in params:
             unexpected.append(name)
             continue
-        param = params[target].data
-        if shard is not None:
-            sizes = owners[target].shard_sizes
-            param = param.narrow(0, sum(sizes[:shard]), sizes[shard])
-        if tensor.numel() != param.numel():
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit {tuple(param.shape)}")
-        param.copy_(tensor.reshape(param.shape))
+        _copy(params[target].data, tensor, shard_sizes.get(target), shard, name)
         loaded.add((target, shard))
     missing = sorted(f"{n}[{s}]" if s is not None else n for n, s in expected - loaded)
     if unexpected or missing:
         raise KeyError(f"checkpoint mismatch: unexpected {unexpected[:8]}, missing {missing[:8]}")
 
 
-def _shards(owner: nn.Module | None, name: str) -> list[int | None]:
-    if isinstance(owner, MergedLinear) and name.endswith(("weight", "bias")):
-        return list(range(len(owner.shard_sizes)))
-    return [None]
+def _copy(param: torch.Tensor, tensor: torch.Tensor, sizes: list[int] | None, shard: int | None, name: str) -> None:
+    if shard is not None:
+        param = param.narrow(0, sum(sizes[:shard]), sizes[shard])
+    if tensor.numel() != param.numel():
+        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit {tuple(param.shape)}")
+    param.copy_(tensor.reshape(param.shape))
 
 
 def materialize(module: nn.Module, dtype: torch.dtype, device: torch.device | str) -> None:
