@@ -14,6 +14,7 @@ import torch
 
 from epdlang.errors import InvalidRequest, PromptTooLong
 from epdlang.sampling import SamplingParams
+from runtime.calibrate import Budgets, calibrate
 from runtime.config import EngineConfig
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.encoder_cache import EncoderCache
@@ -59,6 +60,8 @@ class Engine:
         self.encoder_cache = EncoderCache(self.config.encoder_cache_bytes)
         self.runner = ModelRunner(self.model, self.kv_pool, self.model.config.image_token_id)
         self.scheduler = Scheduler(self.config, self.kv, self.encoder_cache)
+        if self.config.tpot_target_ms and self.model.lm is not None:
+            self._apply_budgets()
         self.reqs: dict[str, Req] = {}
         self.stats: Counter[str] = Counter()
         self.stage_seconds: Counter[str] = Counter()
@@ -66,6 +69,15 @@ class Engine:
         overlap = self.config.overlap_encode and None not in (self.model.visual, self.model.lm)
         self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="encoder") if overlap else None
         self._encode_job: tuple[Future, list] | None = None
+
+    def _apply_budgets(self) -> None:
+        defaults = Budgets(self.config.max_running, self.config.prefill_token_budget,
+                           self.config.encode_token_budget)
+        b = calibrate(self.model, self.kv_pool, self.kv.allocator, self.config.tpot_target_ms, defaults)
+        self.scheduler.max_running = b.max_running
+        self.scheduler.prefill_budget = b.prefill_token_budget
+        self.scheduler.encode_budget = b.encode_token_budget
+        self.budgets = b
 
     # ---- admission -------------------------------------------------------------------------
     def add_request(self, *, messages: list | None = None, prompt: str | None = None,
@@ -133,7 +145,8 @@ class Engine:
 
     # ---- the loop -----------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        """True while any request is queued, running, or finished with its last output not yet returned."""
+        return bool(self.reqs) or self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
         self._finish_encode(wait=False)

@@ -1,0 +1,34 @@
+"""Start-up calibration picks budgets from measured step times (real model, extreme targets)."""
+from __future__ import annotations
+
+import pytest
+
+from runtime import calibrate
+from runtime.engine import Engine
+
+DECODE_BATCHES, PREFILL_TOKENS = (1, 4, 16), (32, 64, 128)
+
+
+@pytest.fixture(autouse=True)
+def small_grid(monkeypatch):
+    """Measure a small grid so the test stays fast; the selection logic is the same."""
+    monkeypatch.setattr(calibrate, "DECODE_BATCHES", DECODE_BATCHES)
+    monkeypatch.setattr(calibrate, "PREFILL_TOKENS", PREFILL_TOKENS)
+    monkeypatch.setattr(calibrate, "ENCODE_TOKENS", (16, 64))
+    monkeypatch.setattr(calibrate, "CONTEXT", 64)
+
+
+def test_generous_target_gives_largest_budgets(tiny_model_dir):
+    engine = Engine(tiny_model_dir, tpot_target_ms=1e6, num_pages=4200)
+    assert engine.budgets.max_running == DECODE_BATCHES[-1]
+    assert engine.budgets.prefill_token_budget == PREFILL_TOKENS[-1]
+    assert engine.scheduler.prefill_budget == PREFILL_TOKENS[-1]
+    assert engine.kv.allocator.num_free == 4200  # measuring left no pages behind
+
+
+def test_impossible_target_gives_smallest_budgets(tiny_model_dir):
+    engine = Engine(tiny_model_dir, tpot_target_ms=1e-3, num_pages=4200)
+    assert (engine.budgets.max_running, engine.budgets.prefill_token_budget) == (1, PREFILL_TOKENS[0])
+    assert engine.scheduler.max_running == 1
+    [out] = engine.generate({"prompt": "x = 1"}, None)  # still serves
+    assert out.finish_reason in ("stop", "length")
