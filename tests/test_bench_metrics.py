@@ -105,3 +105,6 @@ def test_stream_parsing_timestamps_content_chunks_and_usage() -> None:
     bad = _Stream(start=0.0, chunks=[])
     bad.feed(b'{"error":{"message":"overloaded"}}', 0.1)
     assert not bad.result(0.0, 0.2).success
+    cut = _Stream(start=0.0, chunks=[])
+    cut.feed(b'{"choices":[{"delta":{"content":"a"},"finish_reason":"error"}]}', 0.1)
+    assert cut.result(0.0, 0.2).finish_reason == "error" and not cut.result(0.0, 0.2).success

@@ -19,6 +19,9 @@ from benchmarks.serving.metrics import RequestResult
 from benchmarks.serving.workloads import BenchRequest
 
 
+FAILED_FINISH = ("error", "abort")  # streamed, but the server gave up on the request
+
+
 @dataclass(frozen=True)
 class Target:
     base_url: str
@@ -61,6 +64,7 @@ class _Stream:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str = ""
+    finish_reason: str = ""
 
     def feed(self, data: bytes, now: float) -> None:
         obj = json.loads(data)
@@ -68,19 +72,20 @@ class _Stream:
             self.error = str(obj["error"])[:500]
             return
         for choice in obj.get("choices") or ():
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
             if (choice.get("delta") or {}).get("content"):
                 self.chunks.append(now)
-                break
         if usage := obj.get("usage"):
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.output_tokens = int(usage.get("completion_tokens") or 0)
 
     def result(self, t0: float, end: float) -> RequestResult:
-        if self.error or not self.chunks:
-            return RequestResult(False, self.start - t0, error=self.error or "no content streamed")
+        if self.error or not self.chunks or self.finish_reason in FAILED_FINISH:
+            error = self.error or f"stream ended with finish_reason={self.finish_reason or None}"
+            return RequestResult(False, self.start - t0, error=error, finish_reason=self.finish_reason)
         itl = tuple(b - a for a, b in zip(self.chunks, self.chunks[1:]))
         return RequestResult(True, self.start - t0, self.chunks[0] - self.start, end - self.start, itl,
-                             self.prompt_tokens, self.output_tokens or len(self.chunks))
+                             self.prompt_tokens, self.output_tokens or len(self.chunks), "", self.finish_reason)
 
 
 async def send(session: aiohttp.ClientSession, target: Target, body: bytes, t0: float) -> RequestResult:

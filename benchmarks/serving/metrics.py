@@ -31,6 +31,7 @@ class RequestResult:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str = ""
+    finish_reason: str = ""
 
     @property
     def tpot(self) -> float | None:
