@@ -94,6 +94,8 @@ class ProgramState:
         elif isinstance(piece, (Text, Image, RoleBegin, RoleEnd)):
             if isinstance(piece, Text):
                 self._stream.put(None, piece.text)
+            elif isinstance(piece, Image):
+                await self.backend.add_image(piece)
             self.pieces.append(piece)
         else:
             raise ProgramError(f"{type(piece).__name__} cannot run outside tracing")

@@ -21,6 +21,9 @@ class Backend:
     async def encode_ahead(self, images: Sequence[Image]) -> None:
         """Start encoding `images` now, without waiting for it (no-op where unsupported)."""
 
+    async def add_image(self, image: Image) -> None:
+        """An image joined the prompt; a backend that reads images now raises its `ImageError` here."""
+
     async def prefill(self, pieces: Sequence[Expr]) -> dict[str, Any]:
         """Prefill a prompt so that later prompts sharing it hit the prefix cache."""
         return {}

@@ -82,8 +82,15 @@ class Runtime(Backend):
     # ---- backend ----------------------------------------------------------------------------
     async def encode_ahead(self, images: Sequence[Image]) -> None:
         """Preprocess every image now and submit one prefill-only request carrying all of them, so the
-        engine encodes them in one batch while the program's first statements are prepared."""
-        inputs = list({inp.content_hash: inp for inp in await self._image_inputs(images)}.values())
+        engine encodes them in one batch while the program's first statements are prepared. An image
+        that cannot be read is skipped here; its statement raises the error when it runs."""
+        readable = []
+        for img in images:
+            try:
+                readable += await self._image_inputs([img])
+            except EpdError:
+                continue
+        inputs = list({inp.content_hash: inp for inp in readable}.values())
         if not inputs:
             return
         prepared = self.processor.prepare(prompt=self.chat_template.image * len(inputs), images=inputs)
@@ -95,6 +102,9 @@ class Runtime(Backend):
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("encode-ahead request failed: %s", task.exception())
+
+    async def add_image(self, image: Image) -> None:
+        await self._image_inputs([image])
 
     async def prefill(self, pieces: Sequence[Expr]) -> dict[str, Any]:
         if not pieces:
@@ -127,6 +137,8 @@ class Runtime(Backend):
         return best, meta
 
     def close(self) -> None:
+        for task in list(getattr(self, "_background", ())):
+            task.get_loop().call_soon_threadsafe(task.cancel)
         if getattr(self, "aengine", None) is not None:
             self.aengine.shutdown()
             self.aengine = None
