@@ -43,7 +43,9 @@ class ForwardBatch:
     block_tables: torch.Tensor  # [B, max_pages] int64
     out_slots: torch.Tensor  # [T] int64 flat pool slot where each new token's K/V goes
     logits_indices: torch.Tensor  # [K] int64 rows of T whose logits are returned
-    image_embeds: torch.Tensor | None = None  # [N, hidden], written in order at image-pad rows
+    image_embeds: torch.Tensor | None = None  # [N, hidden], written in order at `image_rows`
+    image_rows: torch.Tensor | None = None  # [N] rows taking image_embeds; None: every image-pad row.
+    # Explicit rows matter because a model may *generate* the image-pad token; that one is plain text.
 
     @property
     def batch_size(self) -> int:

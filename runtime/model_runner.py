@@ -61,7 +61,7 @@ class ModelRunner:
         return out
 
     def _build(self, chunks: list[Chunk], is_decode: bool) -> tuple[ForwardBatch, list[tuple[int, bool]]]:
-        ids, pos, slots, logit_rows, spans, embeds = [], [], [], [], [], []
+        ids, pos, slots, logit_rows, spans, embeds, image_rows = [], [], [], [], [], [], []
         offset = 0
         for c in chunks:
             ids.extend(c.req.token_ids(c.start, c.end))
@@ -73,7 +73,9 @@ class ModelRunner:
             logit_rows.extend(rows)
             spans.append((len(c.prompt_logprob_rows()), c.samples))
             if not is_decode:
-                embeds.extend(self._image_rows(c))
+                rows, emb = self._image_rows(c)
+                image_rows.append(rows + offset)
+                embeds.extend(emb)
             offset += c.end - c.start
         batch = ForwardBatch(
             is_decode=is_decode,
@@ -85,6 +87,7 @@ class ModelRunner:
             out_slots=torch.cat(slots),
             logits_indices=torch.tensor(logit_rows, dtype=torch.long),
             image_embeds=torch.cat(embeds) if embeds else None,
+            image_rows=torch.cat(image_rows) if image_rows else torch.zeros(0, dtype=torch.long),
         )
         return batch, spans
 
@@ -101,11 +104,13 @@ class ModelRunner:
             out[i, :len(t)] = torch.tensor(t, dtype=torch.long)
         return out
 
-    def _image_rows(self, c: Chunk) -> list[torch.Tensor]:
+    def _image_rows(self, c: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Chunk-relative rows of prompt image tokens, and their embeddings (generated tokens are text)."""
         mm = c.req.mm_embeds()
         if mm is None or c.start >= c.req.prompt_len:
-            return []
+            return torch.zeros(0, dtype=torch.long), []
         prompt = torch.tensor(c.req.msg.input_ids[:min(c.end, c.req.prompt_len)])
         is_img = prompt == self.image_token_id
-        before, upto = int(is_img[:c.start].sum()), int(is_img.sum())
-        return [mm[before:upto]] if upto > before else []
+        before = int(is_img[:c.start].sum())
+        rows = is_img[c.start:].nonzero().squeeze(1)
+        return rows, ([mm[before:before + len(rows)]] if len(rows) else [])

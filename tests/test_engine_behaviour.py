@@ -8,6 +8,7 @@ from epdlang.sampling import SamplingParams
 from images import make_image
 from prompts import parity_prompts
 from runtime.engine import Engine
+from runtime.scheduler import StepPlan
 
 GREEDY = SamplingParams(max_new_tokens=10)
 
@@ -134,3 +135,21 @@ def test_contradictory_sampling_params_rejected():
         SamplingParams(top_p=0.0)
     with pytest.raises(InvalidSamplingParams):
         SamplingParams(regex="a+", json_schema="{}")
+
+
+def test_generated_image_pad_token_is_plain_text(engine, processor):
+    """A random model may emit <|image_pad|>: decode and recompute must embed it as text, not an image."""
+    rid = engine.add_request(**_ask(make_image("gold"), "Go."), sampling_params=SamplingParams(max_new_tokens=6))
+    while engine.scheduler.waiting:
+        engine.step()
+    req = engine.reqs[rid]
+    req.output_ids[-1] = processor.image_token_id  # as if sampled
+    engine.step()  # decode it
+    engine.scheduler._preempt(req, StepPlan())  # recompute it
+    outs = []
+    for _ in range(50):
+        outs += [o for o in engine.step() if o.rid == rid]
+        if outs and outs[-1].finished:
+            break
+    assert outs[-1].finish_reason == "length" and outs[-1].error is None
+    engine.check_integrity()

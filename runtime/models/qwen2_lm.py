@@ -67,10 +67,13 @@ class Qwen2LM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = MRope(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section, device)
 
-    def embed(self, input_ids: torch.Tensor, image_token_id: int, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image embeddings written, in order, at the image-token rows."""
+    def embed(self, input_ids: torch.Tensor, image_token_id: int, image_embeds: torch.Tensor | None,
+              image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image embeddings written, in order, at `image_rows` (default: image tokens)."""
         x = self.embed_tokens(input_ids)
-        rows = (input_ids == image_token_id).nonzero().squeeze(1)
+        if image_rows is None:
+            image_rows = (input_ids == image_token_id).nonzero().squeeze(1)
+        rows = image_rows.to(x.device)
         n_embeds = 0 if image_embeds is None else image_embeds.shape[0]
         if len(rows) != n_embeds:
             raise ValueError(f"{len(rows)} image tokens in the batch but {n_embeds} image embeddings")
@@ -82,7 +85,7 @@ class Qwen2LM(nn.Module):
         """fp32 logits `[K, vocab]` for the rows `batch.logits_indices`."""
         device = self.embed_tokens.weight.device
         input_ids = batch.input_ids.to(device)
-        x = self.embed(input_ids, image_token_id, batch.image_embeds)
+        x = self.embed(input_ids, image_token_id, batch.image_embeds, batch.image_rows)
         cos, sin = self.rope.cos_sin(batch.positions.to(device), x.dtype)
         plan = backend.plan(batch, kv.page_size, device)
         out_slots = batch.out_slots.to(device)
