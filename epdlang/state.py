@@ -55,6 +55,7 @@ class ProgramState:
         self.meta: dict[str, dict] = {}
         self._tail: Future | None = None
         self._stream = _Stream()
+        self._fork_at = 0  # pieces inherited from the parent, for join
 
     # ---- writing ----------------------------------------------------------------------------
     def __iadd__(self, other: Any) -> "ProgramState":
@@ -139,7 +140,8 @@ class ProgramState:
 
     # ---- fork / join ------------------------------------------------------------------------
     def fork(self, size: int = 1) -> "ForkGroup":
-        """`size` copies of this state. With several branches the shared prefix is prefilled once first."""
+        """`size` copies of this state. With several branches the shared prefix is prefilled once first;
+        that prefill's meta info is `get_meta_info("__fork_prefill__")` on the parent."""
         if not isinstance(size, int) or size < 1:
             raise ProgramError(f"fork() needs a positive int, got {size!r} (at {where()})")
         branches = [ProgramState(self.backend, self.defaults, self.session_id) for _ in range(size)]

@@ -13,12 +13,12 @@ the plan ends there with an "eager from here" marker naming the statement. Nodes
 """
 from __future__ import annotations
 
+import linecache
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from epdlang.ir import (Expr, Gen, Image, ProgramError, RoleBegin, RoleEnd, Select, Text, VarRef, as_expr,
-                        where)
+from epdlang.ir import (Expr, Gen, Image, ProgramError, RoleBegin, Select, Text, VarRef, as_expr)
 
 
 class TraceStop(Exception):
@@ -38,7 +38,7 @@ class Placeholder:
         return VarRef(self.name) + other
 
     def __radd__(self, other: Any) -> Expr:
-        return other + VarRef(self.name) if isinstance(other, Expr) else as_expr(other) + VarRef(self.name)
+        return as_expr(other) + VarRef(self.name)
 
     def _stop(self, *args: Any) -> Any:
         raise TraceStop(f"uses the value of {self.name!r}")
@@ -218,7 +218,6 @@ def _user_frame(tb) -> str:
         tb = tb.tb_next
     if last is None:
         return "<unknown>"
-    import linecache
     code = last.tb_frame.f_code
     src = linecache.getline(code.co_filename, last.tb_lineno).strip()
     return f"{code.co_filename.rsplit('/', 1)[-1]}:{last.tb_lineno}: `{src}`"
