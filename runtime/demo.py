@@ -7,20 +7,13 @@ from __future__ import annotations
 import base64
 import io
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 
-import httpx
 from PIL import Image, ImageDraw
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from runtime.server.process import free_port, stop, wait_healthy
 
 
 def _picture_url() -> str:
@@ -29,20 +22,6 @@ def _picture_url() -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _wait_ready(base: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"the server exited early with code {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    sys.exit(f"the server was not ready after {timeout_s:.0f}s")
 
 
 def _ask(base: str) -> None:
@@ -59,12 +38,15 @@ def _ask(base: str) -> None:
 
 
 def main() -> None:
-    port = int(os.environ.get("EPD_PORT") or _free_port())
+    port = int(os.environ.get("EPD_PORT") or free_port())
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "tiny", "--host", "127.0.0.1",
                              "--port", str(port)])
     try:
-        _wait_ready(base, proc)
+        try:
+            wait_healthy(base, proc, timeout_s=300)
+        except RuntimeError as e:
+            sys.exit(str(e))
         _ask(base)
         if os.environ.get("EPD_DEMO_ONCE"):
             return
@@ -74,12 +56,7 @@ def main() -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(proc, grace_s=30)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,12 +38,6 @@ class Server:
                 key, _, value = line.rpartition(" ")
                 out[key] = float(value)
         return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def data_url(img=None, fmt: str = "PNG") -> str:

@@ -2,49 +2,15 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
+from runtime.server.process import free_port, stop, wait_healthy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"server not healthy after {timeout_s:g}s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def serve_command(model: str, spec: str, port: int, extra: Sequence[str]) -> list[str]:
@@ -65,7 +31,7 @@ def launched(spec: str, model: str = "tiny", extra: Sequence[str] = (), log_dir:
                                 env=env, cwd=REPO_ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc, log, timeout_s)
+        wait_healthy(url, proc, timeout_s, log)
         yield url
     finally:
         stop(proc)
