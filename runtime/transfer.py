@@ -1,0 +1,343 @@
+"""Data plane between instance processes: tensors move E->P (image embeddings) and P->D (KV) without pickle.
+
+A `TensorHandle` is plain metadata that rides in the control message; the bytes travel beside it.
+`shm` keeps them in a named shared-memory file on the same host (zero-copy at both ends); `zmq` sends
+them as a raw frame next to the control message (any host, one copy at most). GPU-direct paths
+(CUDA IPC, NCCL, NIXL) would be further entries of `TRANSFER_BACKENDS`; none is built (no GPU here).
+"""
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import tempfile
+import threading
+import uuid
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+import zmq
+
+from epdlang.errors import EpdError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+Frame = bytes | bytearray | memoryview | zmq.Frame
+ShapePattern = Sequence[int | None]  # None matches any size in that dimension
+
+
+class TransferError(EpdError):
+    """A tensor could not be handed over: bad handle, missing or truncated buffer."""
+
+    status = 500
+    code = "transfer_error"
+
+
+@dataclass(frozen=True)
+class TensorHandle:
+    backend: str  # a TRANSFER_BACKENDS key
+    name: str  # shm: segment file name; zmq: ""
+    dtype: str  # a DTYPES key
+    shape: tuple[int, ...]
+    nbytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorHandle:
+        try:
+            return cls(**{**d, "shape": tuple(d["shape"])})
+        except (KeyError, TypeError) as e:
+            raise TransferError(f"malformed tensor handle {d!r}: {e}") from None
+
+
+class TransferBackend(ABC):
+    """Moves one tensor from a sender process to a receiver process.
+
+    Ownership: the sender owns the memory from `allocate` (or `export`) until it sends the handle
+    (plus `frames(handle)`) in a control message; it must not write to its tensor afterwards.
+    The receiver takes ownership by calling `open` exactly once; the memory then lives as long as
+    the tensor `open` returns. If the receiver will never open the handle (it died, the request was
+    aborted), the sender calls `release(handle)`. Whatever a crash leaves behind, `sweep_segments`
+    removes at deployment shutdown.
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def allocate(self, dtype: torch.dtype, shape: Sequence[int]) -> tuple[TensorHandle, torch.Tensor]:
+        """A writable tensor backed by transfer memory; the sender fills it in place (zero-copy write,
+        e.g. `torch.index_select(src, 0, idx, out=t)`; `out` must already have the right shape, or torch
+        reallocates it elsewhere). After filling, the sender calls `seal(handle)` and/or drops the tensor."""
+
+    @abstractmethod
+    def frames(self, handle: TensorHandle) -> list[Frame]:
+        """The extra zmq frames that must travel with the control message ([] when the bytes go elsewhere)."""
+
+    @abstractmethod
+    def open(self, handle: TensorHandle, frames: Sequence[Frame] = (), *,
+             dtype: torch.dtype | None = None, shape: ShapePattern | None = None) -> torch.Tensor:
+        """Receiver side: take ownership of the tensor behind `handle`.
+
+        Validates before use: known dtype, equal to `dtype` if given; prod(shape) * itemsize == nbytes;
+        the shape matches `shape` (None entries are wildcards); the buffer really holds nbytes.
+        Any failure raises TransferError.
+        """
+
+    @abstractmethod
+    def release(self, handle: TensorHandle) -> None:
+        """The receiver will never open `handle`: free its memory. Idempotent; an unknown handle is fine."""
+
+    def seal(self, handle: TensorHandle) -> None:
+        """The sender has finished filling the tensor of `handle`."""
+
+    def export(self, tensor: torch.Tensor) -> tuple[TensorHandle, list[Frame]]:
+        """Copy `tensor` (any device, any layout) into transfer memory: its handle and frames to send."""
+        handle, out = self.allocate(tensor.dtype, tuple(tensor.shape))
+        out.copy_(tensor)
+        del out
+        self.seal(handle)
+        return handle, self.frames(handle)
+
+
+def _new_handle(backend: str, name: str, dtype: torch.dtype, shape: Sequence[int]) -> TensorHandle:
+    if dtype not in _DTYPE_NAMES:
+        raise TransferError(f"dtype {dtype} cannot be transferred (supported: {', '.join(DTYPES)})")
+    dims = tuple(int(d) for d in shape)
+    if any(d < 0 for d in dims):
+        raise TransferError(f"negative dimension in shape {dims}")
+    return TensorHandle(backend, name, _DTYPE_NAMES[dtype], dims, math.prod(dims) * dtype.itemsize)
+
+
+def _validate(
+    handle: TensorHandle, backend: str, dtype: torch.dtype | None, shape: ShapePattern | None
+) -> tuple[torch.dtype, tuple[int, ...]]:
+    """The handle's torch dtype and shape, once they are consistent with each other and the expectations."""
+    if handle.backend != backend:
+        raise TransferError(f"a {handle.backend!r} handle cannot be opened by the {backend!r} backend")
+    actual = DTYPES.get(handle.dtype)
+    if actual is None:
+        raise TransferError(f"unknown dtype {handle.dtype!r} (supported: {', '.join(DTYPES)})")
+    if dtype is not None and actual != dtype:
+        raise TransferError(f"dtype mismatch: expected {_DTYPE_NAMES.get(dtype, dtype)}, handle has {handle.dtype}")
+    dims = tuple(handle.shape)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise TransferError(f"bad shape {dims!r}")
+    if math.prod(dims) * actual.itemsize != handle.nbytes:
+        raise TransferError(f"size mismatch: {handle.dtype}{list(dims)} needs "
+                            f"{math.prod(dims) * actual.itemsize} bytes, handle says nbytes={handle.nbytes}")
+    if shape is not None and (len(shape) != len(dims) or any(e is not None and e != d for e, d in zip(shape, dims))):
+        raise TransferError(f"shape mismatch: expected {tuple(shape)}, handle has {dims}")
+    return actual, dims
+
+
+def _check_size(actual: int, handle: TensorHandle) -> None:
+    if actual != handle.nbytes:
+        raise TransferError(f"buffer size mismatch: buffer holds {actual} bytes, handle says nbytes={handle.nbytes}")
+
+
+def _tensor_over(buffer: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over `buffer`, which it keeps alive. Copies only a read-only or misaligned buffer."""
+    if buffer.nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    if buffer.readonly:
+        # torch would accept it with a warning, and in-place ops would then write into an immutable object.
+        buffer = memoryview(bytearray(buffer))
+    raw = torch.frombuffer(buffer, dtype=torch.uint8)
+    if raw.data_ptr() % dtype.itemsize:
+        raw = raw.clone()
+    return raw.view(dtype).view(shape)
+
+
+def _byte_view(frame: Frame) -> memoryview:
+    view = memoryview(frame.buffer if isinstance(frame, zmq.Frame) else frame)
+    try:
+        return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    except TypeError as e:
+        raise TransferError(f"frame is not a contiguous buffer: {e}") from None
+
+
+def shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def _check_prefix(prefix: str) -> None:
+    if not prefix or os.sep in prefix or "\0" in prefix or (os.altsep and os.altsep in prefix):
+        raise ValueError(f"bad shared-memory prefix {prefix!r}: it must be a non-empty file name part")
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+class ShmTransfer(TransferBackend):
+    """Same host: each tensor is a file `{prefix}-{uuid}` in /dev/shm, mapped by sender and receiver.
+
+    The mapping is reached only through a memoryview held by the tensor, so it is unmapped exactly when
+    the last tensor over it dies (`mmap.close()` refuses while the view exists; closing under a tensor
+    made straight from the mmap would leave it dangling).
+    """
+
+    name = "shm"
+
+    def __init__(self, prefix: str) -> None:
+        _check_prefix(prefix)
+        self.prefix = prefix
+        self.directory = shm_dir()
+        self._maps: weakref.WeakValueDictionary[str, mmap.mmap] = weakref.WeakValueDictionary()
+
+    def _path(self, handle: TensorHandle) -> str:
+        name = handle.name
+        if handle.backend != self.name or not name.startswith(f"{self.prefix}-") or os.sep in name:
+            raise TransferError(f"{handle.backend} handle {name!r} is not a segment of prefix {self.prefix!r}")
+        return os.path.join(self.directory, name)
+
+    def allocate(self, dtype: torch.dtype, shape: Sequence[int]) -> tuple[TensorHandle, torch.Tensor]:
+        handle = _new_handle(self.name, f"{self.prefix}-{uuid.uuid4().hex}", dtype, shape)
+        path = self._path(handle)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | _NOFOLLOW, 0o600)
+        try:
+            _reserve(fd, handle.nbytes)
+            mm = mmap.mmap(fd, handle.nbytes) if handle.nbytes else None
+        except OSError as e:
+            os.unlink(path)
+            raise TransferError(f"cannot allocate {handle.nbytes} bytes in {self.directory}: {e}") from e
+        finally:
+            os.close(fd)
+        if mm is None:
+            return handle, torch.empty(handle.shape, dtype=dtype)
+        self._maps[handle.name] = mm
+        return handle, _tensor_over(memoryview(mm), dtype, handle.shape)
+
+    def seal(self, handle: TensorHandle) -> None:
+        mm = self._maps.pop(handle.name, None)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # the sender still holds its tensor; the map goes when that tensor does
+
+    def frames(self, handle: TensorHandle) -> list[Frame]:
+        return []
+
+    def open(self, handle: TensorHandle, frames: Sequence[Frame] = (), *,
+             dtype: torch.dtype | None = None, shape: ShapePattern | None = None) -> torch.Tensor:
+        fd = _claim(self._path(handle))
+        try:  # the segment is ours now: any failure frees it with the fd
+            torch_dtype, dims = _validate(handle, self.name, dtype, shape)
+            _check_size(os.fstat(fd).st_size, handle)
+            mm = mmap.mmap(fd, handle.nbytes) if handle.nbytes else None
+        finally:
+            os.close(fd)
+        if mm is None:
+            return torch.empty(dims, dtype=torch_dtype)
+        return _tensor_over(memoryview(mm), torch_dtype, dims)
+
+    def release(self, handle: TensorHandle) -> None:
+        self.seal(handle)
+        try:
+            os.unlink(self._path(handle))
+        except FileNotFoundError:
+            pass
+
+
+def _claim(path: str) -> int:
+    """Open and unlink a segment: from then on only our fd (and mappings made from it) keep it alive."""
+    try:
+        fd = os.open(path, os.O_RDWR | _NOFOLLOW)
+    except FileNotFoundError:
+        raise TransferError(f"shm segment {path} is gone (already opened, released or swept)") from None
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        os.close(fd)
+        raise TransferError(f"shm segment {path} was opened by another receiver at the same time") from None
+    return fd
+
+
+def _reserve(fd: int, nbytes: int) -> None:
+    """Size the file, claiming its pages now: a full tmpfs raises here instead of SIGBUS on first write."""
+    if nbytes and hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, nbytes)
+    else:
+        os.ftruncate(fd, nbytes)
+
+
+class ZmqFrameTransfer(TransferBackend):
+    """Any host: the tensor's bytes are one raw zmq frame sent beside the control message.
+
+    `frames(handle)` hands the sender's buffer over for sending (call it once); send it with `copy=False`
+    to avoid a copy. The receiver should `recv_multipart(copy=False)` and pass the zmq.Frame: its
+    buffer is writable, so `open` wraps it without copying (a read-only buffer such as bytes is copied).
+    """
+
+    name = "zmq"
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix  # unused: frames have no names
+        self._pending: dict[int, tuple[TensorHandle, torch.Tensor]] = {}  # id(handle) -> raw bytes; names are ""
+        self._lock = threading.Lock()
+
+    def allocate(self, dtype: torch.dtype, shape: Sequence[int]) -> tuple[TensorHandle, torch.Tensor]:
+        handle = _new_handle(self.name, "", dtype, shape)
+        raw = torch.empty(handle.nbytes, dtype=torch.uint8)
+        with self._lock:
+            self._pending[id(handle)] = (handle, raw)
+        return handle, raw.view(dtype).view(handle.shape)
+
+    def frames(self, handle: TensorHandle) -> list[Frame]:
+        with self._lock:
+            handle_, raw = self._pending.pop(id(handle), (None, None))
+        if handle_ is not handle:
+            raise TransferError("no pending buffer for this handle (frames() already taken, or released)")
+        return [memoryview(raw.numpy())]
+
+    def open(self, handle: TensorHandle, frames: Sequence[Frame] = (), *,
+             dtype: torch.dtype | None = None, shape: ShapePattern | None = None) -> torch.Tensor:
+        torch_dtype, dims = _validate(handle, self.name, dtype, shape)
+        if len(frames) != 1:
+            raise TransferError(f"a zmq handle needs exactly 1 frame, got {len(frames)}")
+        buffer = _byte_view(frames[0])
+        _check_size(buffer.nbytes, handle)
+        return _tensor_over(buffer, torch_dtype, dims)
+
+    def release(self, handle: TensorHandle) -> None:
+        with self._lock:
+            if self._pending.get(id(handle), (None,))[0] is handle:
+                del self._pending[id(handle)]
+
+
+TRANSFER_BACKENDS: dict[str, type[TransferBackend]] = {"shm": ShmTransfer, "zmq": ZmqFrameTransfer}
+
+
+def make_transfer(name: str, prefix: str) -> TransferBackend:
+    if name not in TRANSFER_BACKENDS:
+        raise ValueError(f"unknown transfer backend {name!r} (known: {', '.join(TRANSFER_BACKENDS)})")
+    return TRANSFER_BACKENDS[name](prefix)
+
+
+def sweep_segments(prefix: str) -> list[str]:
+    """Unlink every shm segment left under `prefix` (crashed or never-opened transfers); their names."""
+    _check_prefix(prefix)
+    swept = []
+    with os.scandir(shm_dir()) as entries:
+        for entry in entries:
+            if entry.name.startswith(f"{prefix}-") and entry.is_file(follow_symlinks=False):
+                try:
+                    os.unlink(entry.path)
+                    swept.append(entry.name)
+                except FileNotFoundError:
+                    pass  # its receiver opened it meanwhile
+    return sorted(swept)
