@@ -150,7 +150,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         self._finish_encode(wait=False)
-        plan = self.scheduler.schedule(allow_encode=self._encode_job is None)
+        plan = self.scheduler.schedule(allow_encode=self.model.visual is not None and self._encode_job is None)
         if plan.encode:
             self._start_encode(plan.encode)
         batches = [(plan.decode, True), (plan.prefill, False)]

@@ -1,0 +1,172 @@
+"""A running topology: instance processes, the router thread, and the async surface in front of them.
+
+`Deployment(model, instances="E,P,D")` is what the HTTP server and `epd.Runtime` talk to, whatever the
+topology (`EPD` is one instance process). It starts every instance, waits until each says `Ready`
+(or raises with the reason), and `shutdown()` leaves no process and no shared-memory segment behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+
+import zmq
+
+from runtime.config import EngineConfig
+from runtime.instance import InstanceConfig
+from runtime.launcher import Launcher, describe
+from runtime.messages import GenerateRequest, RequestOutput
+from runtime.preprocess import Processor
+from runtime.router import Router
+from runtime.topology import Topology, parse_topology
+from runtime.transfer import make_transfer, sweep_segments
+
+log = logging.getLogger(__name__)
+SUMMED = ("num_waiting_requests", "num_running_requests", "kv_used_pages", "kv_cached_pages",
+          "kv_request_pages", "kv_total_pages", "num_preemptions", "num_requests_in_engine")
+
+
+class DeploymentError(RuntimeError):
+    """The deployment could not start (an instance failed or was not ready in time)."""
+
+
+class Deployment:
+    def __init__(self, model: str | Path, instances: str | Topology = "EPD", *, transfer: str = "shm",
+                 ready_timeout_s: float = 300.0, **engine_overrides: Any) -> None:
+        self.model_path = str(model)
+        self.topology = instances if isinstance(instances, Topology) else parse_topology(instances)
+        self.processor = Processor(model)
+        self.id = uuid.uuid4().hex[:12]
+        self.segment_prefix = f"epd-{self.id}"
+        self._log_dir = Path(tempfile.mkdtemp(prefix=f"{self.segment_prefix}-logs-"))
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        for opt in (zmq.ROUTER_MANDATORY, zmq.ROUTER_HANDOVER):
+            self._sock.setsockopt(opt, 1)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        port = self._sock.bind_to_random_port("tcp://127.0.0.1")
+        base = InstanceConfig(name="", roles="", model=self.model_path, router_addr=f"tcp://127.0.0.1:{port}",
+                              transfer=transfer, segment_prefix=self.segment_prefix,
+                              engine_overrides=engine_overrides)
+        self.launcher = Launcher(self.topology, base, self._log_dir)
+        page_size = engine_overrides.get("page_size", EngineConfig.page_size)
+        self.router = Router(self._sock, make_transfer(transfer, self.segment_prefix), page_size,
+                             self.processor.image_token_id, self.launcher.reap)
+        self.router.roles = {spec.name: spec.roles for spec in self.topology.instances}
+        self._ready: set[str] = set()
+        self._all_ready = threading.Event()
+        self.router.ready_event = self._on_ready
+        self._thread = threading.Thread(target=self.router.run, name="router", daemon=True)
+        self._closed = False
+        self._thread.start()
+        self.launcher.start_all()
+        self._wait_ready(ready_timeout_s)
+
+    # ---- start-up ---------------------------------------------------------------------------------
+    def _on_ready(self, name: str) -> None:
+        self.launcher.ever_ready.add(name)
+        self._ready.add(name)
+        if self._ready >= set(self.launcher.specs):
+            self._all_ready.set()
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self._all_ready.wait(0.2):
+            if self.launcher.failed or time.monotonic() > deadline:
+                why = self._not_ready_report(timeout_s)
+                self.shutdown()
+                raise DeploymentError(why)
+        log.info("deployment %s ready: %s", self.id, self.topology.spec)
+
+    def _not_ready_report(self, timeout_s: float) -> str:
+        lines = [f"topology {self.topology.spec}: not every instance became ready"]
+        for name in self.launcher.specs:
+            if name in self.launcher.failed:
+                lines.append(f"  {name}: {self.launcher.failed[name]}")
+            elif name not in self._ready:
+                lines.append(f"  {name}: still loading after {timeout_s:g}s; log tail:\n{self.launcher.log_tail(name, 800)}")
+        return "\n".join(lines)
+
+    # ---- requests ---------------------------------------------------------------------------------
+    async def generate(self, msg: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """Submit and stream deltas. Typed admission errors are raised from the first iteration.
+        Leaving the iterator early (disconnect, cancel) aborts the request everywhere."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        self.router.post("submit", msg, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item))
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.router.post("abort", msg.rid)
+
+    def encode_ahead(self, images: Sequence[Any]) -> None:
+        """Start encoding these `ImageInput`s now on the E instances; later requests find them cached."""
+        self.router.post("encode_ahead", list(images))
+
+    async def control(self, op: str) -> dict[str, dict]:
+        future: Future = Future()
+        self.router.post("control", op, future)
+        return await asyncio.wait_for(asyncio.wrap_future(future), 30)
+
+    async def flush_cache(self) -> bool:
+        results = await self.control("flush_cache")
+        return all(r.get("ok", False) for r in results.values())
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Engine figures summed over instances, plus each instance's own figures and router view."""
+        per = await self.control("snapshot")
+        total: dict[str, Any] = {k: sum(r.get(k, 0) for r in per.values()) for k in SUMMED}
+        total["kv_usage"] = total["kv_used_pages"] / total["kv_total_pages"] if total["kv_total_pages"] else 0.0
+        for rate in ("prefix_cache_hit_rate", "encoder_cache_hit_rate"):
+            values = [r[rate] for r in per.values() if rate in r]
+            if values:
+                total[rate] = sum(values) / len(values)
+        views = {v.name: {"inflight": v.inflight, "encode_tokens": v.encode_tokens, "free_pages": v.free_pages}
+                 for v in list(self.router.views.values())}
+        total["instances"] = {name: {**describe(spec), **per.get(name, {}), **views.get(name, {})}
+                              for name, spec in self.launcher.specs.items()}
+        return total
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    def pids(self) -> dict[str, int]:
+        return self.launcher.pids()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.launcher.stopping = True
+        if self._thread.is_alive():
+            self.router.post("stop")
+            self._thread.join(timeout_s)
+        self.launcher.stop(timeout_s)
+        self._sock.close(0)
+        self._ctx.term()
+        leftovers = sweep_segments(self.segment_prefix)
+        if leftovers:
+            log.info("removed %d shared-memory segments left in flight", len(leftovers))
+        shutil.rmtree(self._log_dir, ignore_errors=True)
+
+    def __enter__(self) -> "Deployment":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

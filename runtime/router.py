@@ -1,0 +1,410 @@
+"""The router: one thread that owns the ROUTER socket and moves every request through E, P and D.
+
+Its state (`flights`, encode jobs, instance views) is touched only by its own thread; other threads
+`post` commands. Instance failures arrive from the launcher (`reap`): the dead instance is dropped at
+once, requests that streamed nothing are dispatched again, the rest fail with a clear error.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import time
+from collections import defaultdict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from epdlang import errors
+from runtime import wire
+from runtime.instance_engine import to_wire
+from runtime.messages import GenerateRequest, RequestOutput
+from runtime.radix_cache import prefix_keys
+from runtime.router_policy import InstanceView, chunk_chain, pick_decode, pick_prefill, plan_encodes
+from runtime.transfer import TransferBackend
+from runtime.wire import (Abort, Control, ControlReply, Embedding, EncodeDone, EncodeJob, Handoff, Load,
+                          NeedEncode, Outputs, Ready, Rejected, Shutdown, Submit, WireImage)
+
+log = logging.getLogger(__name__)
+Sink = Callable[[Any], None]  # receives RequestOutput deltas, or one exception
+WAIT_FOR_INSTANCE_S = 60.0
+HANDOFF_WAIT_S = 5.0
+MAX_TRACKED_HANDLES = 4096
+
+
+@dataclass(eq=False)
+class Flight:
+    msg: GenerateRequest
+    sink: Sink
+    chain: list[int]
+    p: str | None = None
+    d: str | None = None
+    handed_off: bool = False
+    streamed: bool = False
+    since: float = field(default_factory=time.monotonic)
+
+    @property
+    def holder(self) -> str | None:
+        """The instance that has the request now (P until the handoff, then D)."""
+        return self.d if self.handed_off else self.p
+
+
+@dataclass
+class EncodeTask:
+    image: Any  # ImageInput with pixels
+    e: str | None
+    rids: set[str] = field(default_factory=set)
+
+
+class Router:
+    def __init__(self, sock: zmq.Socket, transfer: TransferBackend, page_size: int, image_token_id: int,
+                 reap: Callable[[], list[str]]) -> None:
+        self.sock, self.transfer, self.reap = sock, transfer, reap
+        self.page_size, self.image_token_id = page_size, image_token_id
+        self.views: dict[str, InstanceView] = {}
+        self.roles: dict[str, frozenset[str]] = {}
+        self.flights: dict[str, Flight] = {}
+        self.deferred: deque[str] = deque()
+        self.encodes: dict[tuple[str, str | None], EncodeTask] = {}
+        self.pending_handoffs: deque[tuple[Handoff, list, float]] = deque()
+        self.sessions: dict[str, tuple[str, str | None]] = {}
+        self.sent_handles: dict[str, deque] = defaultdict(lambda: deque(maxlen=MAX_TRACKED_HANDLES))
+        self.controls: dict[int, tuple[Future, set[str], dict]] = {}
+        self.ready_event = None  # set by the deployment: called with each Ready
+        self._commands: queue.Queue = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe()
+        self._next_call = 0
+        self.stopping = False
+
+    # ---- other threads ----------------------------------------------------------------------------
+    def post(self, *command: Any) -> None:
+        self._commands.put(command)
+        os.write(self._wake_w, b"x")
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while not self.stopping:
+            events = dict(poller.poll(50))
+            if self._wake_r in events:
+                os.read(self._wake_r, 4096)
+            self._run_commands()
+            while self.sock.poll(0):
+                self._receive()
+            for name in self.reap():
+                self._on_death(name)
+            self._retry_waiting()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                kind, *args = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                getattr(self, f"_cmd_{kind}")(*args)
+            except Exception:
+                log.exception("router command %s failed", kind)
+
+    # ---- commands -----------------------------------------------------------------------------------
+    def _cmd_submit(self, msg: GenerateRequest, sink: Sink) -> None:
+        if msg.rid in self.flights:
+            sink(errors.InvalidRequest(f"request id {msg.rid!r} is already in flight"))
+            return
+        keys = prefix_keys(msg.input_ids, msg.images, self.image_token_id)
+        self.flights[msg.rid] = Flight(msg, sink, chunk_chain(keys, self.page_size))
+        self._dispatch(msg.rid)
+
+    def _cmd_abort(self, rid: str) -> None:
+        flight = self.flights.pop(rid, None)
+        if flight is None:
+            return
+        if flight.holder is not None:
+            self._send(flight.holder, Abort(rid))
+            self._dec_inflight(flight.holder)
+        for task in self.encodes.values():
+            task.rids.discard(rid)
+
+    def _cmd_encode_ahead(self, images: list) -> None:
+        encoders = self._ready("E")
+        for h, view in plan_encodes([(im.content_hash, im.num_tokens) for im in images], encoders).items():
+            image = next(im for im in images if im.content_hash == h)
+            self._encode(image, None, None, view)
+
+    def _cmd_control(self, op: str, future: Future) -> None:
+        targets = {name for name in self.views}
+        self._next_call += 1
+        self.controls[self._next_call] = (future, targets, {})
+        for name in targets:
+            self._send(name, Control(self._next_call, op))
+        self._settle_control(self._next_call)
+
+    def _cmd_stop(self) -> None:
+        for name in list(self.views):
+            self._send(name, Shutdown())
+        for flight in self.flights.values():
+            flight.sink(errors.RequestAborted("the deployment is shutting down"))
+        self.flights.clear()
+        self.stopping = True
+
+    # ---- dispatch -----------------------------------------------------------------------------------
+    def _ready(self, role: str) -> list[InstanceView]:
+        return [v for v in self.views.values() if role in v.roles]
+
+    def _dispatch(self, rid: str) -> None:
+        flight = self.flights[rid]
+        p = self._choose_prefill(flight)
+        need = [] if p is None or "E" in p.roles else self._images_to_send(flight, p)
+        if p is None or (need and not self._ready("E")) or not self._ready("D"):
+            self.deferred.append(rid)
+            return
+        incoming = []
+        for image, e in plan_encodes_for(need, self._ready("E")):
+            self._encode(image, p.name, rid, e)
+            incoming.append(image.content_hash)
+        incoming += [h for (h, dest), t in self.encodes.items() if dest == p.name and rid in t.rids
+                     and h not in incoming]
+        self._submit(flight, p, tuple(incoming))
+
+    def _choose_prefill(self, flight: Flight) -> InstanceView | None:
+        session = self.sessions.get(flight.msg.session_id or "")
+        if session and session[0] in self.views:
+            return self.views[session[0]]
+        return pick_prefill(self._ready("P"), flight.chain)
+
+    def _images_to_send(self, flight: Flight, p: InstanceView) -> list:
+        todo = {}
+        for image in flight.msg.images:
+            h = image.content_hash
+            if (h, p.name) in self.encodes:
+                self.encodes[(h, p.name)].rids.add(flight.msg.rid)
+            elif h not in p.images:
+                todo[h] = image
+        return list(todo.values())
+
+    def _submit(self, flight: Flight, p: InstanceView, incoming: tuple[str, ...]) -> None:
+        handles, frames = {}, []
+        if "E" in p.roles:
+            for image in {im.content_hash: im for im in flight.msg.images}.values():
+                handle, data = self.transfer.export(image.pixel_values)
+                handles[image.content_hash] = handle
+                frames += data
+                self._track(p.name, handle)
+        self._send(p.name, Submit(to_wire(flight.msg, handles), incoming), frames)
+        flight.p, flight.d, flight.handed_off = p.name, (p.name if "D" in p.roles else None), False
+        p.inflight += 1
+        for h in flight.chain:
+            p.chunks.add(h)
+
+    def _encode(self, image: Any, dest: str | None, rid: str | None, e: InstanceView) -> None:
+        task = self.encodes.setdefault((image.content_hash, dest), EncodeTask(image, None))
+        if rid is not None:
+            task.rids.add(rid)
+        if task.e is not None:
+            return
+        handle, frames = self.transfer.export(image.pixel_values)
+        self._track(e.name, handle)
+        wimage = WireImage(image.content_hash, tuple(image.grid_thw), image.num_tokens, handle)
+        self._send(e.name, EncodeJob(wimage, dest), frames)
+        task.e = e.name
+        e.encode_tokens += image.num_tokens
+
+    def _retry_waiting(self) -> None:
+        for _ in range(len(self.deferred)):
+            rid = self.deferred.popleft()
+            flight = self.flights.get(rid)
+            if flight is None:
+                continue
+            if time.monotonic() - flight.since > WAIT_FOR_INSTANCE_S:
+                self._fail(rid, "no instance able to serve this request became available")
+            else:
+                self._dispatch(rid)
+        for _ in range(len(self.pending_handoffs)):
+            self._route_handoff(*self.pending_handoffs.popleft())
+        for (h, dest), task in list(self.encodes.items()):
+            if task.e is None and self._ready("E"):
+                self._encode(task.image, dest, None, plan_encodes_for([task.image], self._ready("E"))[0][1])
+
+    # ---- messages from instances --------------------------------------------------------------------
+    def _receive(self) -> None:
+        ident, *frames = self.sock.recv_multipart(copy=False)
+        name = bytes(ident.buffer).decode()
+        try:
+            msg, data = wire.decode([f.buffer for f in frames])
+            getattr(self, f"_on_{type(msg).__name__.lower()}")(name, msg, data)
+        except Exception:
+            log.exception("bad message from %s", name)
+
+    def _on_ready(self, name: str, msg: Ready, data: list) -> None:
+        self.views[name] = InstanceView(name, self.roles[name])
+        log.info("instance %s ready (pid %d)", name, msg.pid)
+        if self.ready_event is not None:
+            self.ready_event(name)
+
+    def _on_load(self, name: str, msg: Load, data: list) -> None:
+        view = self.views.get(name)
+        if view is not None:
+            view.free_pages, view.total_pages = msg.free_pages, msg.total_pages
+            view.waiting, view.running = msg.waiting, msg.running
+
+    def _on_outputs(self, name: str, msg: Outputs, data: list) -> None:
+        for out in msg.outputs:
+            flight = self.flights.get(out.rid)
+            if flight is None or name not in (flight.p, flight.d):
+                continue
+            flight.streamed |= bool(out.new_token_ids)
+            if out.finished:
+                self._finish(out.rid, name)
+            flight.sink(out)
+
+    def _on_rejected(self, name: str, msg: Rejected, data: list) -> None:
+        cls = getattr(errors, msg.kind, None)
+        exc_type = cls if isinstance(cls, type) and issubclass(cls, errors.EpdError) else errors.EpdError
+        flight = self.flights.pop(msg.rid, None)
+        if flight is not None:
+            self._dec_inflight(name)
+            flight.sink(exc_type(msg.message))
+
+    def _on_handoff(self, name: str, msg: Handoff, data: list) -> None:
+        flight = self.flights.get(msg.req.rid)
+        if flight is None or flight.p != name:
+            self.transfer.release(msg.kv)
+            return
+        self._dec_inflight(name)
+        flight.handed_off = True
+        self._route_handoff(msg, data, time.monotonic())
+
+    def _route_handoff(self, msg: Handoff, data: list, since: float) -> None:
+        flight = self.flights.get(msg.req.rid)
+        if flight is None:
+            self.transfer.release(msg.kv)
+            return
+        session = self.sessions.get(flight.msg.session_id or "")
+        d = self.views.get(session[1]) if session and session[1] else None
+        d = d or pick_decode(self._ready("D"))
+        if d is None:
+            if time.monotonic() - since > HANDOFF_WAIT_S:
+                self.transfer.release(msg.kv)
+                self._fail(msg.req.rid, "no decode instance is available")
+            else:
+                self.pending_handoffs.append((msg, data, since))
+            return
+        self._track(d.name, msg.kv)
+        self._send(d.name, msg, data)
+        flight.d = d.name
+        d.inflight += 1
+
+    def _on_encodedone(self, name: str, msg: EncodeDone, data: list) -> None:
+        task = self.encodes.pop((msg.content_hash, msg.dest), None)
+        view = self.views.get(name)
+        if view is not None:
+            view.images.add(msg.content_hash)
+            view.encode_tokens = max(0, view.encode_tokens - (task.image.num_tokens if task else 0))
+        if msg.error:
+            for rid in task.rids if task else ():
+                self._fail(rid, f"encoding an image failed: {msg.error}")
+            return
+        dest = self.views.get(msg.dest or "")
+        if msg.embeds is None:
+            return
+        if dest is None or not task or not any(rid in self.flights for rid in task.rids):
+            self.transfer.release(msg.embeds)
+            return
+        self._track(dest.name, msg.embeds)
+        self._send(dest.name, Embedding(msg.content_hash, msg.embeds), data)
+        dest.images.add(msg.content_hash)
+
+    def _on_needencode(self, name: str, msg: NeedEncode, data: list) -> None:
+        flight = self.flights.get(msg.rid)
+        if flight is None:
+            return
+        images = [im for im in {i.content_hash: i for i in flight.msg.images}.values() if im.content_hash in msg.hashes]
+        view = self.views.get(name)
+        for h in msg.hashes if view is not None else ():
+            view.images.discard(h)  # our view was stale: it evicted them
+        for image, e in plan_encodes_for(images, self._ready("E")):
+            self._encode(image, name, msg.rid, e)
+        for image in images:  # no E ready: the task waits in `encodes` for one
+            self.encodes.setdefault((image.content_hash, name), EncodeTask(image, None)).rids.add(msg.rid)
+
+    def _on_controlreply(self, name: str, msg: ControlReply, data: list) -> None:
+        entry = self.controls.get(msg.call_id)
+        if entry is not None:
+            entry[1].discard(name)
+            entry[2][name] = {"error": msg.error} if msg.error else msg.result
+            self._settle_control(msg.call_id)
+
+    def _settle_control(self, call_id: int) -> None:
+        future, waiting, results = self.controls[call_id]
+        if not waiting & set(self.views):
+            del self.controls[call_id]
+            future.set_result(results)
+
+    # ---- endings and failures -----------------------------------------------------------------------
+    def _finish(self, rid: str, name: str) -> None:
+        flight = self.flights.pop(rid)
+        self._dec_inflight(name)
+        if flight.msg.session_id:
+            self.sessions[flight.msg.session_id] = (flight.p, flight.d)
+
+    def _fail(self, rid: str, reason: str) -> None:
+        flight = self.flights.pop(rid, None)
+        if flight is None:
+            return
+        if flight.holder in self.views:
+            self._send(flight.holder, Abort(rid))
+            self._dec_inflight(flight.holder)
+        flight.sink(RequestOutput(rid=rid, finished=True, finish_reason="error", error=reason))
+
+    def _dec_inflight(self, name: str | None) -> None:
+        view = self.views.get(name or "")
+        if view is not None:
+            view.inflight = max(0, view.inflight - 1)
+
+    def _on_death(self, name: str) -> None:
+        log.error("instance %s died; restarting it", name)
+        self.views.pop(name, None)
+        for handle in self.sent_handles.pop(name, ()):
+            self.transfer.release(handle)
+        self.sessions = {s: pd for s, pd in self.sessions.items() if name not in pd}
+        for key, task in list(self.encodes.items()):
+            if key[1] == name:
+                del self.encodes[key]
+            elif task.e == name:
+                task.e = None  # `_retry_waiting` sends it to another E
+        for rid, flight in list(self.flights.items()):
+            if flight.holder == name:
+                self._retry_or_fail(rid, flight, name)
+        for call_id in list(self.controls):
+            self._settle_control(call_id)
+
+    def _retry_or_fail(self, rid: str, flight: Flight, dead: str) -> None:
+        if flight.streamed:
+            self._fail(rid, f"instance {dead} failed while serving this request")
+            return
+        if flight.holder not in (None, dead):
+            self._send(flight.holder, Abort(rid))
+            self._dec_inflight(flight.holder)
+        flight.p = flight.d = None
+        flight.since = time.monotonic()
+        self.deferred.append(rid)
+
+    # ---- plumbing -----------------------------------------------------------------------------------
+    def _send(self, name: str, msg: Any, frames: list | None = None) -> None:
+        try:
+            self.sock.send_multipart([name.encode(), *wire.encode(msg), *(frames or [])], copy=False)
+        except zmq.ZMQError as exc:  # the peer is gone: its death is handled by `reap`
+            log.warning("could not send %s to %s: %s", type(msg).__name__, name, exc)
+
+    def _track(self, name: str, handle: Any) -> None:
+        self.sent_handles[name].append(handle)
+
+
+def plan_encodes_for(images: list, encoders: list[InstanceView]) -> list[tuple[Any, InstanceView]]:
+    plan = plan_encodes([(im.content_hash, im.num_tokens) for im in images], encoders)
+    return [(im, plan[im.content_hash]) for im in images if im.content_hash in plan]
