@@ -118,10 +118,14 @@ class Deployment:
         """Start encoding these `ImageInput`s now on the E instances; later requests find them cached."""
         self.router.post("encode_ahead", list(images))
 
-    async def control(self, op: str) -> dict[str, dict]:
+    def request_control(self, op: str) -> Future:
+        """Send `op` to every ready instance; the future gives {instance: reply}."""
         future: Future = Future()
         self.router.post("control", op, future)
-        return await asyncio.wait_for(asyncio.wrap_future(future), 30)
+        return future
+
+    async def control(self, op: str) -> dict[str, dict]:
+        return await asyncio.wait_for(asyncio.wrap_future(self.request_control(op)), 30)
 
     async def flush_cache(self) -> bool:
         results = await self.control("flush_cache")
@@ -129,8 +133,15 @@ class Deployment:
 
     async def snapshot(self) -> dict[str, Any]:
         """Engine figures summed over instances, plus each instance's own figures and router view."""
-        per = await self.control("snapshot")
-        total: dict[str, Any] = {k: sum(r.get(k, 0) for r in per.values()) for k in SUMMED}
+        return self._aggregate(await self.control("snapshot"))
+
+    def snapshot_now(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """`snapshot` for synchronous callers (not on the event loop)."""
+        return self._aggregate(self.request_control("snapshot").result(timeout_s))
+
+    def _aggregate(self, per: dict[str, dict]) -> dict[str, Any]:
+        keys = set(SUMMED) | {k for r in per.values() for k in r if k.startswith("stats_")}
+        total: dict[str, Any] = {k: sum(r.get(k, 0) for r in per.values()) for k in sorted(keys)}
         total["kv_usage"] = total["kv_used_pages"] / total["kv_total_pages"] if total["kv_total_pages"] else 0.0
         for rate in ("prefix_cache_hit_rate", "encoder_cache_hit_rate"):
             values = [r[rate] for r in per.values() if rate in r]

@@ -69,6 +69,7 @@ class Engine:
         overlap = self.config.overlap_encode and None not in (self.model.visual, self.model.lm)
         self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="encoder") if overlap else None
         self._encode_job: tuple[Future, list] | None = None
+        self.idle = False
 
     def _apply_budgets(self) -> None:
         defaults = Budgets(self.config.max_running, self.config.prefill_token_budget,
@@ -149,7 +150,8 @@ class Engine:
         return bool(self.reqs) or self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        self._finish_encode(wait=False)
+        """One scheduler step. Afterwards `idle` says that it could do nothing (it waits on outside input)."""
+        encoded = self._finish_encode(wait=False)
         plan = self.scheduler.schedule(allow_encode=self.model.visual is not None and self._encode_job is None)
         if plan.encode:
             self._start_encode(plan.encode)
@@ -162,7 +164,8 @@ class Engine:
                 self._run_lm(chunks, is_decode)
                 ran_lm = True
         if not ran_lm:
-            self._finish_encode(wait=True)  # nothing else to do: don't spin while the encoder works
+            encoded |= self._finish_encode(wait=True)  # nothing else to do: don't spin while the encoder works
+        self.idle = not (ran_lm or plan.encode or encoded)
         return self._collect_outputs()
 
     def _start_encode(self, picked: list[tuple[Req, int]]) -> None:
@@ -182,9 +185,9 @@ class Engine:
         self.stage_seconds["encode"] += time.perf_counter() - t0
         return out
 
-    def _finish_encode(self, wait: bool) -> None:
+    def _finish_encode(self, wait: bool) -> bool:
         if self._encode_job is None or not (wait or self._encode_job[0].done()):
-            return
+            return False
         future, todo = self._encode_job
         self._encode_job = None
         for (image, users), emb in zip(todo, future.result()):
@@ -192,6 +195,7 @@ class Engine:
             for req, i in users:
                 req.image_embeds[i] = emb
         self.stats["images_encoded"] += len(todo)
+        return True
 
     def _run_lm(self, chunks: list[Chunk], is_decode: bool) -> None:
         t0 = time.perf_counter()

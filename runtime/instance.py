@@ -53,6 +53,9 @@ class Instance:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(cfg.router_addr)
         self.running, self._last_load, self._load_sent_at = True, None, 0.0
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.engine.wake_r, zmq.POLLIN)
 
     def send(self, msg: Any, frames: list | None = None) -> None:
         self.sock.send_multipart(wire.encode(msg) + (frames or []), copy=False)
@@ -60,9 +63,12 @@ class Instance:
     def serve(self) -> None:
         self.send(Ready(self.cfg.name, os.getpid()))
         while self.running and os.getppid() == self.parent:
-            busy = self.engine.has_unfinished()
-            idle_ms = 5 if self.engine.encode_jobs_open else 50
-            if self.sock.poll(0 if busy else idle_ms):
+            can_step = self.engine.has_unfinished() and not self.engine.idle
+            events = dict(self.poller.poll(0 if can_step else 50))
+            if self.engine.wake_r in events:
+                os.read(self.engine.wake_r, 4096)
+            self.engine.idle = False
+            if self.sock in events:
                 self._drain()
             if self.engine.has_unfinished():
                 self._step()
@@ -105,7 +111,7 @@ class Instance:
             self.running = False
 
     def _open_pixels(self, images, data: list) -> dict[str, torch.Tensor]:
-        sent = [im for im in images if im.pixels is not None]
+        sent = list({im.content_hash: im for im in images if im.pixels is not None}.values())
         frames = wire.split_frames([im.pixels for im in sent], data)
         return {im.content_hash: self.transfer.open(im.pixels, f, shape=(None, None)) for im, f in zip(sent, frames)}
 

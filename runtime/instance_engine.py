@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections import deque
@@ -55,6 +56,8 @@ class InstanceEngine(Engine):
         self._jobs: queue.Queue[tuple[EncodeJob, torch.Tensor | None]] = queue.Queue()
         self._job_thread: threading.Thread | None = None
         self.encode_jobs_open = 0
+        self.wake_r, self._wake_w = os.pipe()  # the encode-jobs thread wakes the instance loop through it
+        self.scheduler.encoding_elsewhere = self._encoding = set()
 
     # ---- P: admission -----------------------------------------------------------------------------
     def submit_wire(self, req: WireRequest, incoming: tuple[str, ...], pixels: dict[str, torch.Tensor]) -> None:
@@ -92,8 +95,9 @@ class InstanceEngine(Engine):
         return super().has_unfinished() or bool(self._adoptions)
 
     def step(self) -> list[RequestOutput]:
-        self._adopt_pending()
+        adopted = self._adopt_pending()
         outputs = super().step() if super().has_unfinished() else []
+        self.idle = self.idle and not adopted
         if "D" not in self.roles:
             for req in [r for r in self.scheduler.running if r.output_ids and not r.finish_reason]:
                 self._hand_off(req)
@@ -143,14 +147,17 @@ class InstanceEngine(Engine):
         self._check_fits(msg)
         self._adoptions.append((handoff, kv))
 
-    def _adopt_pending(self) -> None:
+    def _adopt_pending(self) -> bool:
+        adopted = False
         while self._adoptions:
             handoff, kv = self._adoptions[0]
             req = self._make_req(from_wire(handoff.req))
             if not self.kv.reserve(req, req.prompt_len + len(handoff.output_ids)):
-                return  # the pool is full: wait for running requests to finish
+                break  # the pool is full: wait for running requests to finish
             self._adoptions.popleft()
             self._install(req, handoff, kv)
+            adopted = True
+        return adopted
 
     def _install(self, req: Req, handoff: Handoff, kv: torch.Tensor) -> None:
         n = kv.shape[2]
@@ -180,6 +187,8 @@ class InstanceEngine(Engine):
             self._job_thread = threading.Thread(target=self._encode_loop, name="encode-jobs", daemon=True)
             self._job_thread.start()
         self.encode_jobs_open += 1
+        if pixels is not None:
+            self._encoding.add(job.image.content_hash)
         self._jobs.put((job, pixels))
 
     def _encode_loop(self) -> None:
@@ -193,8 +202,10 @@ class InstanceEngine(Engine):
                 self._run_jobs(batch)
             except Exception as exc:  # one bad job must not stop the thread
                 log.exception("encode jobs failed")
+                self._encoding.difference_update(j.image.content_hash for j, _ in batch)
                 self.outbox.extend(EncodeDone(j.image.content_hash, j.dest, error=str(exc)) for j, _ in batch)
             self.encode_jobs_open -= len(batch)
+            os.write(self._wake_w, b"x")
 
     def _run_jobs(self, batch: list[tuple[EncodeJob, torch.Tensor | None]]) -> None:
         todo = {j.image.content_hash: (j.image, px) for j, px in batch
@@ -204,6 +215,7 @@ class InstanceEngine(Engine):
                                          for h, (im, px) in todo.items()])
             for h, emb in zip(todo, embeds):
                 self.encoder_cache.put(h, emb)
+                self._encoding.discard(h)
             self.stats["images_encoded"] += len(todo)
         for job, _ in batch:
             self.outbox.append(self._ship(job))

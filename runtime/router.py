@@ -213,6 +213,7 @@ class Router:
         self._send(e.name, EncodeJob(wimage, dest), frames)
         task.e = e.name
         e.encode_tokens += image.num_tokens
+        e.images.add(image.content_hash)  # it will have it: later jobs for this image go there too
 
     def _retry_waiting(self) -> None:
         for _ in range(len(self.deferred)):

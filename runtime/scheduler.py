@@ -30,6 +30,7 @@ class Scheduler:
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.num_preemptions = 0
+        self.encoding_elsewhere: set[str] = set()  # image hashes another thread is encoding right now
 
     def add(self, req: Req) -> None:
         self.waiting.append(req)
@@ -70,6 +71,8 @@ class Scheduler:
                 if image.content_hash in self.encoder_cache:  # `in` first: waiting must not count as misses
                     req.image_embeds[i] = self.encoder_cache.get(image.content_hash)
                     continue
+                if image.content_hash in self.encoding_elsewhere:
+                    continue  # it lands in the encoder cache soon
                 if not allow or (picked and tokens + image.num_tokens > self.encode_budget):
                     allow = False
                     continue

@@ -36,9 +36,9 @@ def multi_turn(s, a, b):
 
 
 def test_each_image_encoded_once_and_turns_reuse_kv(rt):
-    before = rt.engine.stats["images_encoded"]
+    before = rt.stats()["images_encoded"]
     state = multi_turn.run(fresh(1), fresh(2), backend=rt)
-    assert rt.engine.stats["images_encoded"] - before == 2
+    assert rt.stats()["images_encoded"] - before == 2
     for prev, name in (("one", "two"), ("two", "three")):  # each turn reuses at least the previous prompt
         meta, earlier = state.get_meta_info(name), state.get_meta_info(prev)
         assert meta["cached_tokens"] >= earlier["prompt_tokens"] - PAGE, (earlier, meta)
@@ -73,9 +73,9 @@ def batch_item(s, img, question):
 def test_run_batch_items_share_common_prefix(rt):
     img = fresh(4)
     items = [{"img": img, "question": q} for q in ("What color?", "What shape?", "How many?", "Where?")]
-    before = rt.engine.stats["images_encoded"]
+    before = rt.stats()["images_encoded"]
     states = batch_item.run_batch(items, backend=rt, progress_bar=True)
-    assert rt.engine.stats["images_encoded"] - before == 1
+    assert rt.stats()["images_encoded"] - before == 1
     metas = [s.get_meta_info("answer") for s in states]
     common = min(m["prompt_tokens"] for m in metas) - 8  # the questions differ only at the end
     for meta in metas:
@@ -91,9 +91,9 @@ def choose(s, img):
 @torch.inference_mode()
 def test_select_matches_transformers(rt, processor, hf_model):
     img = fresh(5)
-    decodes = rt.engine.stats["decode_tokens"]
+    decodes = rt.stats()["decode_tokens"]
     state = choose.run(img, backend=rt)
-    assert rt.engine.stats["decode_tokens"] == decodes  # prefill-only: no decode slot
+    assert rt.stats()["decode_tokens"] == decodes  # prefill-only: no decode slot
     meta = state.get_meta_info("word")
     text = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Which word fits best?<|im_end|>\n"
             "<|im_start|>assistant\n")

@@ -5,7 +5,7 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,29 +21,29 @@ MAX_CACHED_IMAGES = 256
 class Runtime(Backend):
     """Starts a local runtime for `model` (default: the embedded tiny Qwen2-VL checkpoint).
 
-    For now this is one in-process `runtime.Engine` (all of E, P and D) on an `AsyncEngine` thread:
-    the role-typed multi-process runtime has not landed, so `instances` must be "EPD". Engine config
-    overrides (page_size, kv_cache_bytes, ...) pass through. Close it, or use it as a context manager.
+    `instances` is a topology spec (`EPD`, `E,PD`, `E,P,D`, `2E,P,D`, ... or a YAML file): every instance
+    is its own process behind the router, exactly as `epd serve` runs them. Engine config overrides
+    (page_size, kv_cache_bytes, ...) pass through. Close it, or use it as a context manager.
     """
 
     encode_ahead_supported = prefix_sharing_supported = scoring_supported = True
 
     def __init__(self, model: str | Path | None = None, instances: str = "EPD", **engine_overrides: Any) -> None:
-        if instances.replace(" ", "").upper() != "EPD":
-            raise NotImplementedError(f"instances={instances!r}: only the single in-process 'EPD' instance exists yet")
-        from runtime.async_engine import AsyncEngine
-        from runtime.engine import Engine
+        from runtime.deployment import Deployment
 
         if model is None:
             from runtime.tiny_model import ensure_tiny_model
 
             model = ensure_tiny_model()
-        self.engine = Engine(model, **engine_overrides)
-        self.aengine = AsyncEngine(self.engine)
-        self.processor = self.engine.processor
+        self.deployment = Deployment(model, instances, **engine_overrides)
+        self.processor = self.deployment.processor
         self._images: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
-        self._background: set[asyncio.Task] = set()
+
+    def stats(self) -> Counter[str]:
+        """Counters summed over the instances (images_encoded, prefill_tokens, decode_tokens, ...)."""
+        snap = self.deployment.snapshot_now()
+        return Counter({k.removeprefix("stats_"): v for k, v in snap.items() if k.startswith("stats_")})
 
     # ---- prompts ----------------------------------------------------------------------------
     async def _image_inputs(self, images: Sequence[Image]) -> list[Any]:
@@ -69,7 +69,7 @@ class Runtime(Backend):
 
         msg = GenerateRequest(rid=uuid.uuid4().hex, input_ids=tuple(input_ids), images=tuple(images), sampling=params)
         chunks, last = [], None
-        async for out in self.aengine.generate(msg):
+        async for out in self.deployment.generate(msg):
             if out.new_text:
                 chunks.append(out.new_text)
                 if on_text is not None:
@@ -81,27 +81,17 @@ class Runtime(Backend):
 
     # ---- backend ----------------------------------------------------------------------------
     async def encode_ahead(self, images: Sequence[Image]) -> None:
-        """Preprocess every image now and submit one prefill-only request carrying all of them, so the
-        engine encodes them in one batch while the program's first statements are prepared. An image
-        that cannot be read is skipped here; its statement raises the error when it runs."""
+        """Preprocess every image now and send them all to the E instances at once, so they are encoded
+        in parallel while the program's first statements are prepared; the prefills then find them in an
+        encoder cache. An image that cannot be read is skipped here; its statement raises when it runs."""
         readable = []
         for img in images:
             try:
                 readable += await self._image_inputs([img])
             except EpdError:
                 continue
-        inputs = list({inp.content_hash: inp for inp in readable}.values())
-        if not inputs:
-            return
-        prepared = self.processor.prepare(prompt=self.chat_template.image * len(inputs), images=inputs)
-        task = asyncio.ensure_future(self._run(prepared.input_ids, prepared.images, SamplingParams(max_new_tokens=0)))
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
-
-    def _background_done(self, task: asyncio.Task) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("encode-ahead request failed: %s", task.exception())
+        if readable:
+            self.deployment.encode_ahead(list({inp.content_hash: inp for inp in readable}.values()))
 
     async def add_image(self, image: Image) -> None:
         await self._image_inputs([image])
@@ -137,11 +127,9 @@ class Runtime(Backend):
         return best, meta
 
     def close(self) -> None:
-        for task in list(getattr(self, "_background", ())):
-            task.get_loop().call_soon_threadsafe(task.cancel)
-        if getattr(self, "aengine", None) is not None:
-            self.aengine.shutdown()
-            self.aengine = None
+        if getattr(self, "deployment", None) is not None:
+            self.deployment.shutdown()
+            self.deployment = None
 
     def __del__(self) -> None:
         try:

@@ -1,1 +1,1 @@
-"""The HTTP server: OpenAI-compatible and SGLang-native APIs over one `AsyncEngine`."""
+"""The HTTP server: OpenAI-compatible and SGLang-native APIs over one `Deployment`."""

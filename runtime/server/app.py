@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from runtime.server.config import ServerConfig
 from runtime.server.errors import error_response, install_handlers
-from runtime.server.metrics import AccessLogMiddleware, Metrics, engine_snapshot
+from runtime.server.metrics import AccessLogMiddleware, Metrics
 from runtime.server.openai_api import router as openai_router
 from runtime.server.security import SecurityMiddleware
 from runtime.server.serving import Frontend
@@ -24,15 +24,14 @@ log = logging.getLogger("epdlang.server")
 
 
 def load_engine(config: ServerConfig) -> Any:
-    """Build the engine and its thread (blocking; runs on a worker thread at start-up)."""
-    from runtime.async_engine import AsyncEngine
-    from runtime.engine import Engine
+    """Start the deployment's instances and router (blocking; runs on a worker thread at start-up)."""
+    from runtime.deployment import Deployment
 
-    return AsyncEngine(Engine(config.model_path, **config.engine_overrides))
+    return Deployment(config.model_path, config.topology, **config.engine_overrides)
 
 
 def create_app(config: ServerConfig, engine_factory=load_engine) -> FastAPI:
-    """The app serves 503 until `engine_factory(config)` has returned an `AsyncEngine`."""
+    """The app serves 503 until `engine_factory(config)` has returned a `Deployment`."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -60,13 +59,13 @@ def create_app(config: ServerConfig, engine_factory=load_engine) -> FastAPI:
 
 async def _start_engine(app: FastAPI, config: ServerConfig, factory) -> None:
     try:
-        aengine = await asyncio.to_thread(factory, config)
+        deployment = await asyncio.to_thread(factory, config)
     except Exception as exc:
         log.exception("the engine failed to load")
         app.state.load_error = f"{type(exc).__name__}: {exc}"
         app.state.on_load_failure()
         return
-    app.state.frontend = Frontend(aengine, config, app.state.metrics)
+    app.state.frontend = Frontend(deployment, config, app.state.metrics)
     app.state.metrics.ready.set(1)
     log.info("engine ready: %s", config.model_path)
 
@@ -77,14 +76,14 @@ async def _stop_engine(app: FastAPI) -> None:
     app.state.metrics.ready.set(0)
     if fe is not None:
         await fe.close()
-        await asyncio.to_thread(fe.aengine.shutdown)
+        await asyncio.to_thread(fe.deployment.shutdown)
 
 
 def _add_ops_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> Response:
         fe = request.app.state.frontend
-        if fe is None or not fe.aengine.is_alive():
+        if fe is None or not fe.deployment.is_alive():
             reason = request.app.state.load_error or "the engine is not ready"
             return error_response(503, reason, "not_ready")
         return Response(b"", status_code=200)
@@ -94,7 +93,7 @@ def _add_ops_routes(app: FastAPI) -> None:
         m: Metrics = request.app.state.metrics
         fe = request.app.state.frontend
         if fe is not None:
-            m.update_engine(await fe.aengine.call(lambda: engine_snapshot(fe.aengine.engine)))
+            m.update_engine(await fe.deployment.snapshot())
         return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

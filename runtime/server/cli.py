@@ -5,14 +5,13 @@ import argparse
 from pathlib import Path
 
 from runtime.server.config import Limits, ServerConfig
-
-SUPPORTED_INSTANCES = ("EPD",)
+from runtime.topology import parse_topology
 
 
 def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p = subparsers.add_parser("serve", help="serve a model over HTTP (OpenAI and SGLang APIs)")
     p.add_argument("model", help="model directory, or 'tiny' for the cached tiny random checkpoint")
-    p.add_argument("--instances", default="EPD", help="topology spec (only EPD: one instance, all roles)")
+    p.add_argument("--instances", default="EPD", help="topology: EPD, E,PD, EP,D, ED,P, E,P,D, 2E,P,D, ... or a YAML file")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all routes but /health)")
@@ -32,21 +31,23 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--graceful-shutdown", type=float, default=30.0, help="seconds to drain requests on exit")
     p.add_argument("--kv-cache-mb", type=int, default=None, help="KV pool size (engine default if unset)")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads in all (split over the instances)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(handler=serve)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    if args.instances.upper() not in SUPPORTED_INSTANCES:
-        raise SystemExit(f"--instances {args.instances!r}: only {SUPPORTED_INSTANCES} is supported so far")
+    try:
+        topology = parse_topology(args.instances, args.num_threads)
+    except ValueError as exc:
+        raise SystemExit(f"--instances {args.instances!r}: {exc}") from None
     model = args.model
     if model == "tiny":
         from runtime.tiny_model import ensure_tiny_model
 
         model = str(ensure_tiny_model("tiny"))
     overrides = {"kv_cache_bytes": args.kv_cache_mb and args.kv_cache_mb << 20,
-                 "max_model_len": args.max_model_len, "num_threads": args.num_threads}
+                 "max_model_len": args.max_model_len}
     limits = Limits(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
                     max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
                     max_total_tokens=args.max_total_tokens, default_max_tokens=args.default_max_tokens,
@@ -57,7 +58,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_media_dirs=tuple(Path(d) for d in args.allowed_local_media_path),
         allow_remote_media=not args.disable_remote_media, limits=limits,
         graceful_shutdown_s=args.graceful_shutdown,
-        engine_overrides={k: v for k, v in overrides.items() if v is not None})
+        engine_overrides={k: v for k, v in overrides.items() if v is not None}, topology=topology)
 
 
 def serve(args: argparse.Namespace) -> int:

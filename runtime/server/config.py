@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.topology import Topology, parse_topology
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -32,3 +34,4 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     graceful_shutdown_s: float = 30.0
     engine_overrides: dict = field(default_factory=dict)
+    topology: Topology = field(default_factory=lambda: parse_topology("EPD"))

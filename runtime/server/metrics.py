@@ -77,7 +77,7 @@ ENGINE_GAUGES = {
 
 
 def engine_snapshot(engine: Any) -> dict[str, float]:
-    """Queue depth, KV and cache figures. Run it on the engine thread (`AsyncEngine.call`)."""
+    """Queue depth, KV and cache figures. Run it on the engine thread (an instance answers the `snapshot` control op with it)."""
     kv, sched, enc = engine.kv, engine.scheduler, engine.encoder_cache
     used, total = kv.used_pages(), kv.total_pages
     radix = getattr(kv, "cache", None)  # None without a prefix cache

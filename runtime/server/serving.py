@@ -14,7 +14,7 @@ from PIL import Image
 
 from epdlang.errors import InvalidRequest, PromptTooLong
 from epdlang.sampling import SamplingParams
-from runtime.async_engine import AsyncEngine
+from runtime.deployment import Deployment
 from runtime.messages import GenerateRequest, RequestOutput, TokenLogprob
 from runtime.preprocess import PreparedPrompt
 from runtime.server.config import ServerConfig
@@ -56,10 +56,10 @@ class EngineStream:
     """One engine request. `start()` waits for its first output, so that errors the engine raises at
     submit (an invalid regex, a prompt that can never fit) become a 4xx before any response is sent."""
 
-    def __init__(self, aengine: AsyncEngine, msg: GenerateRequest, metrics: Metrics) -> None:
+    def __init__(self, deployment: Deployment, msg: GenerateRequest, metrics: Metrics) -> None:
         self.msg, self.metrics = msg, metrics
         self.acc = Accum(msg.rid)
-        self._agen = aengine.generate(msg)
+        self._agen = deployment.generate(msg)
         self._first: RequestOutput | None = None
         self._t0 = time.perf_counter()
         self._ttft: float | None = None
@@ -103,9 +103,9 @@ class Frontend:
     """Shared by the OpenAI and SGLang routes. Preprocessing runs on one worker thread (the tokenizer
     is not safe to share between threads), engine work on the engine's own thread."""
 
-    def __init__(self, aengine: AsyncEngine, config: ServerConfig, metrics: Metrics) -> None:
-        self.aengine, self.config, self.metrics = aengine, config, metrics
-        self.processor = aengine.processor
+    def __init__(self, deployment: Deployment, config: ServerConfig, metrics: Metrics) -> None:
+        self.deployment, self.config, self.metrics = deployment, config, metrics
+        self.processor = deployment.processor
         self.limits = config.limits
         self.media = MediaLoader(config.limits, config.allowed_media_dirs, config.allow_remote_media)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="preprocess")
@@ -169,7 +169,7 @@ class Frontend:
 
     async def start(self, msgs: Sequence[GenerateRequest]) -> list[EngineStream]:
         """Submit every request and wait for each one's first output; if any fails, abort them all."""
-        streams = [EngineStream(self.aengine, m, self.metrics) for m in msgs]
+        streams = [EngineStream(self.deployment, m, self.metrics) for m in msgs]
         results = await asyncio.gather(*(s.start() for s in streams), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:

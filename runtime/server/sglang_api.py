@@ -10,7 +10,6 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from runtime.server.errors import error_body, from_exception
-from runtime.server.metrics import engine_snapshot
 from runtime.server.openai_api import frontend, parse
 from runtime.server.serving import (EngineStream, Frontend, check_logprob_start, collect, guarded, merged,
                                     token_texts)
@@ -43,7 +42,7 @@ async def model_info(request: Request) -> dict:
 async def server_info(request: Request) -> dict:
     fe = frontend(request)
     cfg = request.app.state.config
-    snapshot = await fe.aengine.call(lambda: engine_snapshot(fe.aengine.engine))
+    snapshot = await fe.deployment.snapshot()
     return {"model_path": cfg.model_path, "served_model_name": cfg.served_model_name,
             "engine": snapshot, "version": "epdlang"}
 
@@ -51,7 +50,7 @@ async def server_info(request: Request) -> dict:
 @router.api_route("/flush_cache", methods=["GET", "POST"])
 async def flush_cache(request: Request) -> Response:
     fe = frontend(request)
-    ok = await fe.aengine.call(fe.aengine.engine.flush_cache)
+    ok = await fe.deployment.flush_cache()
     text = "Cache flushed.\n" if ok else "Cache not flushed: requests are running.\n"
     return Response(text, status_code=200 if ok else 400, media_type="text/plain")
 
