@@ -149,6 +149,7 @@ class Deployment:
                 total[rate] = sum(values) / len(values)
         views = {v.name: {"inflight": v.inflight, "encode_tokens": v.encode_tokens, "free_pages": v.free_pages}
                  for v in list(self.router.views.values())}
+        total |= {f"router_{k}": v for k, v in self.router.stats.items()}
         total["instances"] = {name: {**describe(spec), **per.get(name, {}), **views.get(name, {})}
                               for name, spec in self.launcher.specs.items()}
         return total

@@ -10,7 +10,7 @@ import logging
 import os
 import queue
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -77,6 +77,7 @@ class Router:
         self._wake_r, self._wake_w = os.pipe()
         self._next_call = 0
         self.stopping = False
+        self.stats: Counter[str] = Counter()  # instance_deaths, retried, failed
 
     # ---- other threads ----------------------------------------------------------------------------
     def post(self, *command: Any) -> None:
@@ -369,6 +370,7 @@ class Router:
 
     def _on_death(self, name: str) -> None:
         log.error("instance %s died; restarting it", name)
+        self.stats["instance_deaths"] += 1
         self.views.pop(name, None)
         for handle in self.sent_handles.pop(name, ()):
             self.transfer.release(handle)
@@ -386,8 +388,10 @@ class Router:
 
     def _retry_or_fail(self, rid: str, flight: Flight, dead: str) -> None:
         if flight.streamed:
+            self.stats["failed"] += 1
             self._fail(rid, f"instance {dead} failed while serving this request")
             return
+        self.stats["retried"] += 1
         if flight.holder not in (None, dead):
             self._send(flight.holder, Abort(rid))
             self._dec_inflight(flight.holder)
