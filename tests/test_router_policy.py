@@ -1,0 +1,63 @@
+"""The router's choices as pure logic: encoder placement, prefix-aware prefill, page-aware decode."""
+from __future__ import annotations
+
+from runtime.router_policy import InstanceView, LruSet, chunk_chain, pick_decode, pick_prefill, plan_encodes
+
+
+def _view(name: str, roles: str = "E", **kw) -> InstanceView:
+    return InstanceView(name, frozenset(roles), **kw)
+
+
+def test_new_images_of_one_request_spread_over_encoders():
+    e0, e1 = _view("E0"), _view("E1")
+    plan = plan_encodes([("a", 100), ("b", 100), ("c", 100), ("d", 100)], [e0, e1])
+    assert sorted(v.name for v in plan.values()) == ["E0", "E0", "E1", "E1"]
+
+
+def test_cached_image_goes_to_its_holder_even_if_busy():
+    e0, e1 = _view("E0", encode_tokens=10_000), _view("E1")
+    e0.images.add("a")
+    plan = plan_encodes([("a", 100), ("b", 100)], [e0, e1])
+    assert plan["a"] is e0 and plan["b"] is e1
+
+
+def test_duplicate_images_planned_once_and_no_encoders_plans_nothing():
+    e0 = _view("E0")
+    assert list(plan_encodes([("a", 5), ("a", 5)], [e0])) == ["a"]
+    assert plan_encodes([("a", 5)], []) == {}
+
+
+def test_chunk_chain_depends_on_everything_before():
+    a = chunk_chain([1, 2, 3, 4, 5, 6, 7], 2)
+    b = chunk_chain([9, 2, 3, 4], 2)
+    assert len(a) == 3 and len(b) == 2
+    assert a[1] != b[1]  # same page content, different prefix
+    assert chunk_chain([1, 2, 3, 4], 2) == a[:2]
+
+
+def test_prefill_prefers_longest_cached_prefix_then_load():
+    chain = chunk_chain(list(range(64)), 16)
+    p0, p1 = _view("P0", "P", inflight=5), _view("P1", "P")
+    for h in chain[:3]:
+        p0.chunks.add(h)
+    p1.chunks.add(chain[1])  # a later chunk alone does not count: prefixes must be contiguous
+    assert pick_prefill([p0, p1], chain) is p0
+    assert pick_prefill([p0, p1], chunk_chain(list(range(100, 164)), 16)) is p1  # no hit: least loaded
+    assert pick_prefill([], chain) is None
+
+
+def test_decode_prefers_free_pages_then_load():
+    d0, d1 = _view("D0", "D", free_pages=1000), _view("D1", "D", free_pages=100)
+    assert pick_decode([d0, d1]) is d0
+    d1.free_pages, d0.inflight = 1010, 3  # about equal pages: the less loaded wins
+    assert pick_decode([d0, d1]) is d1
+
+
+def test_lru_set_is_bounded():
+    s = LruSet(2)
+    for k in "abc":
+        s.add(k)
+    assert "a" not in s and "b" in s and len(s) == 2
+    s.add("b")
+    s.add("d")
+    assert "b" in s and "c" not in s
