@@ -124,6 +124,11 @@ class Deployment:
         self.router.post("control", op, future)
         return future
 
+    def end_session(self, session_id: str) -> None:
+        """The session's program ended: later requests with this id are no longer pinned to its instances
+        (its KV stays in their prefix caches as ordinary, evictable entries)."""
+        self.router.post("end_session", session_id)
+
     async def control(self, op: str) -> dict[str, dict]:
         return await asyncio.wait_for(asyncio.wrap_future(self.request_control(op)), 30)
 

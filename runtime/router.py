@@ -145,6 +145,9 @@ class Router:
             self._send(name, Control(self._next_call, op))
         self._settle_control(self._next_call)
 
+    def _cmd_end_session(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+
     def _cmd_stop(self) -> None:
         for name in list(self.views):
             self._send(name, Shutdown())
