@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import openai
 
 from deployment_helpers import alive
@@ -54,6 +55,10 @@ def test_openai_client_on_e_p_d_topology(tmp_path, tiny_model_dir):
                                                extra_body={"ignore_eos": True})
         assert reply.choices[0].message.content == want.text
         assert reply.usage.completion_tokens == 10
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        for name, roles in (("E0", "E"), ("P0", "P"), ("D0", "D")):
+            assert f'epd_instance_inflight{{instance="{name}",roles="{roles}"}} 0.0' in metrics
+        assert 'epd_instance_encode_tokens{instance="E0",roles="E"}' in metrics
     finally:
         stop(proc)
     assert proc.returncode in (0, -signal.SIGTERM), log.read_text()[-2000:]  # uvicorn re-raises the signal

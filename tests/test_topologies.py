@@ -47,9 +47,10 @@ def reference(tiny_model_dir) -> dict[str, tuple[int, ...]]:
     return out
 
 
-@pytest.mark.parametrize("spec", TOPOLOGIES)
-def test_tokens_equal_engine_on_every_topology(spec, tiny_model_dir, reference):
-    with Deployment(tiny_model_dir, spec, **ENGINE_ARGS) as dep:
+@pytest.mark.parametrize("spec,transfer", [(t, "shm") for t in TOPOLOGIES] + [("E,P,D", "zmq")])
+def test_tokens_equal_engine_on_every_topology(spec, transfer, tiny_model_dir, reference):
+    """`zmq` is the across-hosts data plane: tensors ride as raw frames beside the control messages."""
+    with Deployment(tiny_model_dir, spec, transfer=transfer, **ENGINE_ARGS) as dep:
         prefix, pids = dep.segment_prefix, list(dep.pids().values())
         assert len(pids) == len(dep.topology.instances)
         named = cases()

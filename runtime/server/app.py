@@ -27,7 +27,7 @@ def load_engine(config: ServerConfig) -> Any:
     """Start the deployment's instances and router (blocking; runs on a worker thread at start-up)."""
     from runtime.deployment import Deployment
 
-    return Deployment(config.model_path, config.topology, **config.engine_overrides)
+    return Deployment(config.model_path, config.topology, transfer=config.transfer, **config.engine_overrides)
 
 
 def create_app(config: ServerConfig, engine_factory=load_engine) -> FastAPI:

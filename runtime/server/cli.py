@@ -12,6 +12,8 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p = subparsers.add_parser("serve", help="serve a model over HTTP (OpenAI and SGLang APIs)")
     p.add_argument("model", help="model directory, or 'tiny' for the cached tiny random checkpoint")
     p.add_argument("--instances", default="EPD", help="topology: EPD, E,PD, EP,D, ED,P, E,P,D, 2E,P,D, ... or a YAML file")
+    p.add_argument("--transfer", choices=("shm", "zmq"), default="shm",
+                   help="data plane between instances: shared memory, or raw zmq frames")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all routes but /health)")
@@ -58,7 +60,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_media_dirs=tuple(Path(d) for d in args.allowed_local_media_path),
         allow_remote_media=not args.disable_remote_media, limits=limits,
         graceful_shutdown_s=args.graceful_shutdown,
-        engine_overrides={k: v for k, v in overrides.items() if v is not None}, topology=topology)
+        engine_overrides={k: v for k, v in overrides.items() if v is not None}, topology=topology,
+        transfer=args.transfer)
 
 
 def serve(args: argparse.Namespace) -> int:

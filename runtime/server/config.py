@@ -35,3 +35,4 @@ class ServerConfig:
     graceful_shutdown_s: float = 30.0
     engine_overrides: dict = field(default_factory=dict)
     topology: Topology = field(default_factory=lambda: parse_topology("EPD"))
+    transfer: str = "shm"  # data plane between instances: shm (one host) or zmq (raw frames, any host)

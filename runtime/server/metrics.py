@@ -33,6 +33,9 @@ class Metrics:
                                      registry=r)
         self.generation_tokens = Counter("epd_generation_tokens", "Generated tokens", registry=r)
         self.engine = {name: Gauge(f"epd_{name}", doc, registry=r) for name, doc in ENGINE_GAUGES.items()}
+        self.instance = {name: Gauge(f"epd_instance_{name}", doc, ["instance", "roles"], registry=r)
+                         for name, doc in INSTANCE_GAUGES.items()}
+        self.router = {name: Gauge(f"epd_router_{name}", doc, registry=r) for name, doc in ROUTER_GAUGES.items()}
         self.ready = Gauge("epd_engine_ready", "1 when the engine is loaded and serving", registry=r)
         self._prompt_total = self._cached_total = 0
 
@@ -57,10 +60,31 @@ class Metrics:
         for name, gauge in self.engine.items():
             if name in snapshot:
                 gauge.set(snapshot[name])
+        for name, info in snapshot.get("instances", {}).items():
+            for key, gauge in self.instance.items():
+                if key in info:
+                    gauge.labels(name, info.get("roles", "")).set(info[key])
+        for key, gauge in self.router.items():
+            gauge.set(snapshot.get(f"router_{key}", 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+
+INSTANCE_GAUGES = {
+    "inflight": "Requests the router has placed on the instance and not seen finish",
+    "num_waiting_requests": "Requests queued for prefill on the instance",
+    "num_running_requests": "Requests decoding on the instance",
+    "kv_usage": "Fraction of the instance's KV pages in use",
+    "encode_tokens": "Image tokens of encode jobs sent to the instance and not done",
+    "encoder_cache_hit_rate": "Encoder-output cache hits / lookups on the instance",
+    "prefix_cache_hit_rate": "Prefix-cache hit rate on the instance",
+}
+ROUTER_GAUGES = {
+    "instance_deaths": "Instance processes that died (each is restarted)",
+    "retried": "Requests dispatched again after their instance died before streaming",
+    "failed": "Requests failed because their instance died after streaming",
+}
 
 ENGINE_GAUGES = {
     "num_waiting_requests": "Requests queued for prefill",
