@@ -61,3 +61,21 @@ def test_lru_set_is_bounded():
     s.add("b")
     s.add("d")
     assert "b" in s and "c" not in s
+
+
+def test_router_keeps_a_session_on_its_instances_until_it_ends():
+    from runtime.messages import GenerateRequest
+    from runtime.router import Flight, Router
+
+    router = Router(sock=None, transfer=None, page_size=4, image_token_id=0, reap=list)
+    p0, p1 = _view("P0", "PD"), _view("P1", "PD", inflight=9)
+    router.views = {"P0": p0, "P1": p1}
+    flight = Flight(GenerateRequest("r", (1, 2, 3), session_id="s"), sink=print, chain=[])
+    assert router._choose_prefill(flight) is p0  # no session yet: least loaded
+    router.sessions["s"] = ("P1", "P1")
+    assert router._choose_prefill(flight) is p1  # pinned although busier
+    router._cmd_end_session("s")
+    assert router._choose_prefill(flight) is p0
+    router.sessions["s"] = ("P1", "P1")
+    router._on_death("P1")  # a dead instance drops its sessions
+    assert router._choose_prefill(flight) is p0 and "s" not in router.sessions
