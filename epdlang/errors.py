@@ -33,3 +33,9 @@ class RequestAborted(EpdError):
 
     status = 499
     code = "request_aborted"
+
+
+class UnknownImage(InvalidRequest):
+    """An `epd-image:` id the server does not hold (never uploaded, or evicted): upload the image again."""
+
+    code = "unknown_image"

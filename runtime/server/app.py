@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from runtime.server.config import ServerConfig
+from runtime.server.epd_api import router as epd_router
 from runtime.server.errors import error_response, install_handlers
 from runtime.server.metrics import AccessLogMiddleware, Metrics
 from runtime.server.openai_api import router as openai_router
@@ -50,6 +51,7 @@ def create_app(config: ServerConfig, engine_factory=load_engine) -> FastAPI:
     install_handlers(app)
     app.include_router(openai_router)
     app.include_router(sglang_router)
+    app.include_router(epd_router)
     _add_ops_routes(app)
     endpoints = frozenset(_route_paths(app))
     app.add_middleware(SecurityMiddleware, api_key=config.api_key, max_body_bytes=config.limits.max_body_bytes)
@@ -121,5 +123,5 @@ def run_server(config: ServerConfig, log_level: str = "info") -> int:
 
 def _route_paths(app: FastAPI) -> list[str]:
     paths = [getattr(r, "path", None) for r in app.routes]
-    paths += [r.path for router in (openai_router, sglang_router) for r in router.routes]
+    paths += [r.path for router in (openai_router, sglang_router, epd_router) for r in router.routes]
     return [p for p in paths if p]

@@ -12,7 +12,7 @@ class Limits:
     """Per-request bounds. Anything above them is refused with a 4xx before it reaches the engine."""
 
     max_body_bytes: int = 32 << 20
-    max_images: int = 16  # per request, across all messages
+    max_images: int = 16  # loaded per request, across all messages (uploaded `epd-image:` ids do not count)
     max_image_pixels: int = 4096 * 4096  # width * height of one decoded image
     max_image_bytes: int = 20 << 20  # encoded size of one image (data URL, file or download)
     max_total_tokens: int = 8192  # prompt + max new tokens of one request

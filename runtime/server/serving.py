@@ -15,10 +15,11 @@ from PIL import Image
 from epdlang.errors import InvalidRequest, PromptTooLong
 from epdlang.sampling import SamplingParams
 from runtime.deployment import Deployment
-from runtime.messages import GenerateRequest, RequestOutput, TokenLogprob
+from runtime.messages import GenerateRequest, ImageInput, RequestOutput, TokenLogprob
 from runtime.preprocess import PreparedPrompt
 from runtime.server.config import ServerConfig
 from runtime.server.errors import ApiError
+from runtime.server.image_store import ImageStore, is_image_id
 from runtime.server.media import MediaLoader
 from runtime.server.metrics import Metrics
 
@@ -108,6 +109,7 @@ class Frontend:
         self.processor = deployment.processor
         self.limits = config.limits
         self.media = MediaLoader(config.limits, config.allowed_media_dirs, config.allow_remote_media)
+        self.images = ImageStore()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="preprocess")
 
     async def close(self) -> None:
@@ -117,20 +119,42 @@ class Frontend:
     async def _in_pool(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
-    def check_image_count(self, n: int) -> None:
+    def check_image_count(self, refs: Sequence[str]) -> None:
+        """Refuse requests that load too many images; uploaded images named by id load nothing and do not count."""
+        n = sum(not is_image_id(r) for r in refs)
         if n > self.limits.max_images:
             raise ApiError(400, f"the request has {n} images; the limit is {self.limits.max_images}",
                            "too_many_images")
 
-    async def load_images(self, refs: Sequence[str], raw_base64: bool = False) -> list[Image.Image]:
-        datas = await asyncio.gather(*(self.media.read(r, raw_base64) for r in refs))
-        return [await self._in_pool(self.media.decode, d) for d in datas]
+    async def load_images(self, refs: Sequence[str], raw_base64: bool = False) -> list[Image.Image | ImageInput]:
+        """Decoded images; an `epd-image:<hash>` ref is the image uploaded earlier, already preprocessed."""
+        stored = {i: self.images.get(r) for i, r in enumerate(refs) if is_image_id(r)}
+        fresh = [r for i, r in enumerate(refs) if i not in stored]
+        datas = await asyncio.gather(*(self.media.read(r, raw_base64) for r in fresh))
+        decoded = iter([await self._in_pool(self.media.decode, d) for d in datas])
+        return [stored[i] if i in stored else next(decoded) for i in range(len(refs))]
+
+    async def upload_images(self, refs: Sequence[str]) -> list[ImageInput]:
+        """Preprocess and keep images for later requests to name by id, and start encoding them now."""
+        self.check_image_count(refs)
+        loaded = await self.load_images(refs, raw_base64=True)
+        inputs = [await self._in_pool(self.processor.image_input, x) for x in loaded]
+        for image in inputs:
+            self.images.put(image)
+        self.images.uploads += sum(not is_image_id(r) for r in refs)
+        self.deployment.encode_ahead(list({x.content_hash: x for x in inputs}.values()))
+        return inputs
+
+    async def tokenize(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+        tokenizer = self.processor.tokenizer
+        return await self._in_pool(
+            lambda: [list(tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"]) for t in texts])
 
     async def prepare_chat(self, messages: list[dict]) -> PreparedPrompt:
         """Apply the chat template to OpenAI-style messages whose image parts carry `image_url` refs."""
         refs = [p["image_url"] for m in messages if isinstance(m.get("content"), list)
                 for p in m["content"] if p.get("type") == "image_url"]
-        self.check_image_count(len(refs))
+        self.check_image_count(refs)
         images = iter(await self.load_images(refs))
         resolved = [{**m, "content": [{"type": "image", "image": next(images)} if p.get("type") == "image_url"
                                       else p for p in m["content"]]} if isinstance(m.get("content"), list) else m
@@ -138,7 +162,7 @@ class Frontend:
         return await self._in_pool(self.processor.prepare, resolved)
 
     async def prepare_prompt(self, prompt: str | None = None, input_ids: Sequence[int] | None = None,
-                             images: Sequence[Image.Image] = ()) -> PreparedPrompt:
+                             images: Sequence[Image.Image | ImageInput] = ()) -> PreparedPrompt:
         return await self._in_pool(self.processor.prepare, prompt=prompt, input_ids=input_ids, images=images)
 
     def max_new_tokens(self, prompt_len: int, requested: int | None) -> int:

@@ -1,4 +1,4 @@
-"""SGLang-native routes: /generate, /get_model_info, /model_info, /flush_cache, /get_server_info."""
+"""SGLang-native routes: /generate, /tokenize, /get_model_info, /model_info, /flush_cache, /get_server_info."""
 from __future__ import annotations
 
 import time
@@ -14,7 +14,7 @@ from runtime.server.openai_api import frontend, parse
 from runtime.server.serving import (EngineStream, Frontend, check_logprob_start, collect, guarded, merged,
                                     token_texts)
 from runtime.server.sglang_protocol import (DEFAULT_MAX_NEW_TOKENS, GenerateReqInput, LogprobOptions,
-                                            SglSampling, logprob_ids, output)
+                                            SglSampling, TokenizeReqInput, logprob_ids, output)
 from runtime.server.sse import DONE, EventStream, event
 
 router = APIRouter()
@@ -43,8 +43,20 @@ async def server_info(request: Request) -> dict:
     fe = frontend(request)
     cfg = request.app.state.config
     snapshot = await fe.deployment.snapshot()
+    epd = fe.images.info() | {"max_images": fe.limits.max_images}  # what epd.RuntimeEndpoint needs to know
     return {"model_path": cfg.model_path, "served_model_name": cfg.served_model_name,
-            "engine": snapshot, "version": "epdlang"}
+            "engine": snapshot, "epd": epd, "version": "epdlang"}
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request) -> dict:
+    fe = frontend(request)
+    req: TokenizeReqInput = parse(TokenizeReqInput, await request.body())
+    texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    ids = await fe.tokenize(texts, req.add_special_tokens)
+    one = isinstance(req.prompt, str)
+    return {"tokens": ids[0] if one else ids, "count": len(ids[0]) if one else [len(i) for i in ids],
+            "max_model_len": fe.limits.max_total_tokens}
 
 
 @router.api_route("/flush_cache", methods=["GET", "POST"])
@@ -81,7 +93,7 @@ async def _requests(fe: Frontend, req: GenerateReqInput) -> tuple[list, list[Log
     prompts = req.prompts()
     n = len(prompts)
     images = req.images(n)
-    fe.check_image_count(sum(len(i) for i in images))
+    fe.check_image_count([r for refs in images for r in refs])
     columns = zip(prompts, images, req.per_prompt("sampling_params", n, SglSampling()),
                   req.per_prompt("rid", n, None), req.per_prompt("return_logprob", n, False),
                   req.per_prompt("logprob_start_len", n, -1), req.per_prompt("top_logprobs_num", n, 0))

@@ -120,6 +120,16 @@ class GenerateReqInput(BaseModel):
         return [[v] if isinstance(v, str) else list(v) for v in self.per_prompt("image_data", n, [])]
 
 
+class TokenizeReqInput(BaseModel):
+    """SGLang's `/tokenize`: one prompt or a list of them; `model` is accepted and ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | list[str]
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
 @dataclass(frozen=True)
 class LogprobOptions:
     enabled: bool
