@@ -86,10 +86,11 @@ class ProgramState:
     async def _execute_one(self, piece: Expr) -> None:
         if isinstance(piece, Gen):
             params = SamplingParams.from_dict({**self.defaults, **piece.sampling})
-            text, meta = await self.backend.generate(self.pieces, params, lambda t: self._stream.put(piece.name, t))
+            text, meta = await self.backend.generate(self.pieces, params, lambda t: self._stream.put(piece.name, t),
+                                                     session_id=self.session_id)
             self._set(piece.name, text, meta)
         elif isinstance(piece, Select):
-            index, meta = await self.backend.select(self.pieces, piece.choices)
+            index, meta = await self.backend.select(self.pieces, piece.choices, session_id=self.session_id)
             self._stream.put(piece.name, piece.choices[index])
             self._set(piece.name, piece.choices[index], meta)
         elif isinstance(piece, (Text, Image, RoleBegin, RoleEnd)):
@@ -154,7 +155,7 @@ class ProgramState:
                 b.pieces, b.variables, b.meta = list(self.pieces), dict(self.variables), dict(self.meta)
                 b._fork_at = len(self.pieces)
             if size > 1 and self.pieces and self.backend.prefix_sharing_supported:
-                self.meta["__fork_prefill__"] = await self.backend.prefill(self.pieces)
+                self.meta["__fork_prefill__"] = await self.backend.prefill(self.pieces, session_id=self.session_id)
 
         start_future = submit(start())
         for b in branches:

@@ -3,19 +3,17 @@
 What it cannot do, and warns about once at first use: no encode-ahead (images travel inline with
 each request), no prefill-only select scoring (select asks the server for a constrained choice via
 the `regex` extension, and if the server refuses it, generates freely and matches the closest
-choice), no explicit shared-prefix prefill (the server's own prefix cache may still help), and a
-partial assistant message before a gen is sent as a finished assistant message.
+choice), no explicit shared-prefix prefill (the server's own prefix cache may still help), no sessions
+(`session_id` is not sent: plain OpenAI servers refuse unknown fields), and a partial assistant message
+before a gen is sent as a finished assistant message.
 """
 from __future__ import annotations
 
-import base64
-import io
 import re
 import warnings
-from pathlib import Path
 from typing import Any, Sequence
 
-from epdlang.backends.base import Backend, OnText
+from epdlang.backends.base import Backend, OnText, image_url
 from epdlang.errors import EpdError
 from epdlang.ir import Expr, Image
 from epdlang.sampling import SamplingParams
@@ -65,7 +63,8 @@ class OpenAI(Backend):
             raise EpdError(f"server answered {resp.status_code}: {resp.text[:300]}")
         return resp.json()
 
-    async def generate(self, pieces: Sequence[Expr], params: SamplingParams, on_text: OnText) -> tuple[str, dict]:
+    async def generate(self, pieces: Sequence[Expr], params: SamplingParams, on_text: OnText, *,
+                       session_id: str | None = None) -> tuple[str, dict]:
         data = await self._chat(pieces, _body(params))
         text = data["choices"][0]["message"].get("content") or ""
         on_text(text)
@@ -75,7 +74,8 @@ class OpenAI(Backend):
                       "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
                       "cached_tokens": details.get("cached_tokens", 0)}
 
-    async def select(self, pieces: Sequence[Expr], choices: Sequence[str]) -> tuple[int, dict]:
+    async def select(self, pieces: Sequence[Expr], choices: Sequence[str], *,
+                     session_id: str | None = None) -> tuple[int, dict]:
         longest = max(len(c) for c in choices)
         regex = "(" + "|".join(re.escape(c) for c in choices) + ")"
         params = SamplingParams(max_new_tokens=longest + 8, regex=regex)
@@ -125,18 +125,4 @@ def _common(a: str, b: str) -> str:
 
 
 def _image_part(img: Image) -> dict[str, Any]:
-    return {"type": "image_url", "image_url": {"url": _image_url(img.source)}}
-
-
-def _image_url(source: Any) -> str:
-    if isinstance(source, str) and source.startswith(("http://", "https://", "data:")):
-        return source
-    if isinstance(source, (str, Path)):
-        data, mime = Path(source).read_bytes(), "image/png"
-    elif isinstance(source, bytes):
-        data, mime = source, "image/png"
-    else:  # PIL image
-        buf = io.BytesIO()
-        source.save(buf, format="PNG")
-        data, mime = buf.getvalue(), "image/png"
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+    return {"type": "image_url", "image_url": {"url": image_url(img.source)}}

@@ -9,7 +9,7 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
-from epdlang.backends.base import Backend, OnText
+from epdlang.backends.base import Backend, OnText, pick_choice
 from epdlang.errors import EpdError
 from epdlang.ir import Expr, Image
 from epdlang.sampling import SamplingParams
@@ -64,10 +64,11 @@ class Runtime(Backend):
         return self.processor.prepare(prompt=text, images=await self._image_inputs(images))
 
     async def _run(self, input_ids: Sequence[int], images: Sequence[Any], params: SamplingParams,
-                   on_text: OnText | None = None) -> tuple[str, Any]:
+                   session_id: str | None, on_text: OnText | None = None) -> tuple[str, Any]:
         from runtime.messages import GenerateRequest
 
-        msg = GenerateRequest(rid=uuid.uuid4().hex, input_ids=tuple(input_ids), images=tuple(images), sampling=params)
+        msg = GenerateRequest(rid=uuid.uuid4().hex, input_ids=tuple(input_ids), images=tuple(images), sampling=params,
+                              session_id=session_id)
         chunks, last = [], None
         async for out in self.deployment.generate(msg):
             if out.new_text:
@@ -96,35 +97,36 @@ class Runtime(Backend):
     async def add_image(self, image: Image) -> None:
         await self._image_inputs([image])
 
-    async def prefill(self, pieces: Sequence[Expr]) -> dict[str, Any]:
+    async def prefill(self, pieces: Sequence[Expr], *, session_id: str | None = None) -> dict[str, Any]:
         if not pieces:
             return {}
         prepared = await self._prepare(pieces)
-        _, out = await self._run(prepared.input_ids, prepared.images, SamplingParams(max_new_tokens=0))
+        _, out = await self._run(prepared.input_ids, prepared.images, SamplingParams(max_new_tokens=0), session_id)
         return _meta(out)
 
-    async def generate(self, pieces: Sequence[Expr], params: SamplingParams, on_text: OnText) -> tuple[str, dict]:
+    async def generate(self, pieces: Sequence[Expr], params: SamplingParams, on_text: OnText, *,
+                       session_id: str | None = None) -> tuple[str, dict]:
         prepared = await self._prepare(pieces)
-        text, out = await self._run(prepared.input_ids, prepared.images, params, on_text)
+        text, out = await self._run(prepared.input_ids, prepared.images, params, session_id, on_text)
         return text, _meta(out)
 
-    async def select(self, pieces: Sequence[Expr], choices: Sequence[str]) -> tuple[int, dict]:
+    async def select(self, pieces: Sequence[Expr], choices: Sequence[str], *,
+                     session_id: str | None = None) -> tuple[int, dict]:
         """Score each choice by its mean token logprob after the prompt, in prefill-only requests."""
         prepared = await self._prepare(pieces)
         ids, start = list(prepared.input_ids), len(prepared.input_ids)
         tokenizer = self.processor.tokenizer
         choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
         if len(choices) > 1:  # the prompt once, then every choice reuses it from the prefix cache
-            await self._run(ids, prepared.images, SamplingParams(max_new_tokens=0))
+            await self._run(ids, prepared.images, SamplingParams(max_new_tokens=0), session_id)
         score = SamplingParams(max_new_tokens=0, prompt_logprobs_start=start)
-        outs = await asyncio.gather(*(self._run(ids + c, prepared.images, score) for c in choice_ids))
+        outs = await asyncio.gather(*(self._run(ids + c, prepared.images, score, session_id) for c in choice_ids))
         token_lps = [[lp.logprob for lp in out.prompt_logprobs if lp is not None] for _, out in outs]
-        normalized = [sum(lps) / max(len(lps), 1) for lps in token_lps]
-        best = max(range(len(choices)), key=lambda i: (normalized[i], -i))
-        meta = {"normalized_prompt_logprobs": normalized, "input_token_logprobs": token_lps,
-                "cached_tokens": [out.cached_tokens for _, out in outs], "prompt_tokens": start,
-                "completion_tokens": 0}
-        return best, meta
+        return pick_choice(token_lps, [out.cached_tokens for _, out in outs], start)
+
+    def end_program(self, session_id: str) -> None:
+        if getattr(self, "deployment", None) is not None:
+            self.deployment.end_session(session_id)
 
     def close(self) -> None:
         if getattr(self, "deployment", None) is not None:
