@@ -7,7 +7,7 @@
         s += epd.user(epd.image(img) + question)
         s += epd.assistant(epd.gen("answer", max_tokens=64))
 
-    with epd.Runtime() as rt:             # the embedded tiny model; or epd.OpenAI(base_url, model)
+    with epd.Runtime() as rt:             # the embedded tiny model; or epd.RuntimeEndpoint(url) for `epd serve`
         print(qa.run(img="cat.png", question="What is it?", backend=rt)["answer"])
 
 Importing epdlang never imports torch: `Runtime` loads the engine lazily.
@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from epdlang.backends.base import Backend
-from epdlang.errors import EpdError, ImageError, InvalidRequest, InvalidSamplingParams
+from epdlang.errors import EpdError, ImageError, InvalidRequest, InvalidSamplingParams, UnknownImage
 from epdlang.function import SglFunction, function, get_default_backend, set_default_backend
 from epdlang.ir import (ProgramError, assistant, assistant_begin, assistant_end, gen, image, select, system,
                         system_begin, system_end, user, user_begin, user_end)
@@ -25,7 +25,8 @@ from epdlang.sampling import SamplingParams
 from epdlang.state import ForkGroup, ProgramState
 from epdlang.tracing import Plan, TraceStop
 
-_LAZY = {"Runtime": "epdlang.backends.runtime", "OpenAI": "epdlang.backends.openai"}
+_LAZY = {"Runtime": "epdlang.backends.runtime", "RuntimeEndpoint": "epdlang.backends.endpoint",
+         "OpenAI": "epdlang.backends.openai"}
 
 
 def __getattr__(name: str) -> Any:
@@ -38,7 +39,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Backend", "EpdError", "ForkGroup", "ImageError", "InvalidRequest", "InvalidSamplingParams", "OpenAI",
-    "Plan", "ProgramError", "ProgramState", "Runtime", "SamplingParams", "SglFunction", "TraceStop",
-    "assistant", "assistant_begin", "assistant_end", "function", "gen", "get_default_backend", "image",
-    "select", "set_default_backend", "system", "system_begin", "system_end", "user", "user_begin", "user_end",
+    "Plan", "ProgramError", "ProgramState", "Runtime", "RuntimeEndpoint", "SamplingParams", "SglFunction",
+    "TraceStop", "UnknownImage", "assistant", "assistant_begin", "assistant_end", "function", "gen",
+    "get_default_backend", "image", "select", "set_default_backend", "system", "system_begin", "system_end",
+    "user", "user_begin", "user_end",
 ]

@@ -11,15 +11,26 @@ import epdlang as epd  # noqa: E402
 
 
 def backend_from_args(description: str) -> epd.Backend:
-    """`--url URL [--model NAME]` talks to an OpenAI-compatible server; default: the embedded tiny model."""
+    """`--url URL` talks to a server: an epdlang server (`epd serve`) through `epd.RuntimeEndpoint`, any other
+    OpenAI-compatible one through the degraded `epd.OpenAI`. Default: the embedded tiny model."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("--model", default=None, help="model name (server) or checkpoint dir (local)")
+    parser.add_argument("--url", help="server URL, e.g. http://127.0.0.1:30000 for epd serve (a trailing /v1 is "
+                                      "fine), or another server's OpenAI base URL such as http://host:8000/v1")
+    parser.add_argument("--model", default=None, help="model name (OpenAI server) or checkpoint dir (local)")
     parser.add_argument("--api-key", default=None)
     args = parser.parse_args()
     if args.url:
-        return epd.OpenAI(args.url, model=args.model or "default", api_key=args.api_key)
+        return server_backend(args.url, args.model, args.api_key)
     return epd.Runtime(model=args.model)
+
+
+def server_backend(url: str, model: str | None = None, api_key: str | None = None) -> epd.Backend:
+    from epdlang.backends.endpoint import probe
+
+    root = url.rstrip("/").removesuffix("/v1")
+    if probe(root, api_key) is not None:
+        return epd.RuntimeEndpoint(root, api_key=api_key)
+    return epd.OpenAI(url, model=model or "default", api_key=api_key)
 
 
 def demo_image(color: str, label: str = "", size: tuple[int, int] = (112, 112)):
