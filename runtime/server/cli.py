@@ -21,6 +21,8 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
                    help="directory image files may be read from (repeatable; none: no local files)")
     p.add_argument("--disable-remote-media", action="store_true", help="refuse http(s) image URLs")
+    p.add_argument("--allow-private-media-urls", action="store_true",
+                   help="let image URLs reach loopback/private/link-local addresses (refused by default)")
     d = Limits()
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
@@ -59,6 +61,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host, port=args.port, api_key=args.api_key,
         allowed_media_dirs=tuple(Path(d) for d in args.allowed_local_media_path),
         allow_remote_media=not args.disable_remote_media, limits=limits,
+        allow_private_media_urls=args.allow_private_media_urls,
         graceful_shutdown_s=args.graceful_shutdown,
         engine_overrides={k: v for k, v in overrides.items() if v is not None}, topology=topology,
         transfer=args.transfer)

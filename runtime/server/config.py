@@ -31,6 +31,7 @@ class ServerConfig:
     api_key: str | None = None
     allowed_media_dirs: tuple[Path, ...] = ()
     allow_remote_media: bool = True
+    allow_private_media_urls: bool = False  # image URLs resolving to loopback/private addresses
     limits: Limits = field(default_factory=Limits)
     graceful_shutdown_s: float = 30.0
     engine_overrides: dict = field(default_factory=dict)

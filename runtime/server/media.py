@@ -1,13 +1,17 @@
 """Image sources to decoded RGB images, under the server's media policy.
 
 Sources: `data:` URLs, raw base64 (SGLang), local files (only under allowed directories, after
-resolving symlinks and `..`) and http(s) URLs (fetched with a timeout and a size cap).
+resolving symlinks and `..`) and http(s) URLs (fetched with a timeout and a size cap). Unless the
+server allows it, a URL (or a redirect) whose host resolves to a loopback, private, link-local or
+otherwise internal address is refused, so image URLs cannot probe the server's own network.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
+import ipaddress
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -23,8 +27,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 
 
 class MediaLoader:
-    def __init__(self, limits: Limits, allowed_dirs: tuple[Path, ...], allow_remote: bool) -> None:
-        self.limits, self.allow_remote = limits, allow_remote
+    def __init__(self, limits: Limits, allowed_dirs: tuple[Path, ...], allow_remote: bool,
+                 allow_private: bool = False) -> None:
+        self.limits, self.allow_remote, self.allow_private = limits, allow_remote, allow_private
         self.allowed_dirs = tuple(Path(d).expanduser().resolve() for d in allowed_dirs)
         self._client: httpx.AsyncClient | None = None
 
@@ -92,8 +97,9 @@ class MediaLoader:
         if not self.allow_remote:
             raise MediaNotAllowed("fetching images by http(s) URL is disabled on this server")
         if self._client is None:
+            hooks = {} if self.allow_private else {"request": [_refuse_internal_host]}
             self._client = httpx.AsyncClient(timeout=self.limits.fetch_timeout_s, follow_redirects=True,
-                                             max_redirects=3)
+                                             max_redirects=3, event_hooks=hooks)
         try:
             async with self._client.stream("GET", url) as resp:
                 if resp.status_code != 200:
@@ -110,6 +116,21 @@ class MediaLoader:
                 raise ImageError(f"image download is over {self.limits.max_image_bytes} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+async def _refuse_internal_host(request: httpx.Request) -> None:
+    """Runs before every request, redirects included. (A DNS answer that changes between this check
+    and the connection is not covered; pin resolution in a proxy if that matters.)"""
+    host = request.url.host
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, request.url.port or 443)
+    except OSError:
+        return  # unresolvable: the fetch itself fails with a clear error
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not addr.is_global or addr.is_multicast:
+            raise MediaNotAllowed(f"image URL host {host!r} resolves to an internal address ({addr}); "
+                                  "this server fetches only public addresses")
 
 
 def _data_url_ok(url: str) -> bool:

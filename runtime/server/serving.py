@@ -108,7 +108,8 @@ class Frontend:
         self.deployment, self.config, self.metrics = deployment, config, metrics
         self.processor = deployment.processor
         self.limits = config.limits
-        self.media = MediaLoader(config.limits, config.allowed_media_dirs, config.allow_remote_media)
+        self.media = MediaLoader(config.limits, config.allowed_media_dirs, config.allow_remote_media,
+                                 config.allow_private_media_urls)
         self.images = ImageStore()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="preprocess")
 
