@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -53,7 +54,10 @@ class InstanceEngine(Engine):
         self.outbox: deque = deque()  # Handoff / NeedEncode / EncodeDone messages for the router
         self._requested: dict[str, set[str]] = {}  # rid -> image hashes incoming or asked for
         self._adoptions: deque[tuple[Handoff, torch.Tensor]] = deque()
-        self._jobs: queue.Queue[tuple[EncodeJob, torch.Tensor | None]] = queue.Queue()
+        # (priority, arrival, job, pixels): jobs whose embeddings a request waits for go before
+        # encode-ahead jobs, so a long encode-ahead queue never delays a prefill that could start.
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._job_seq = itertools.count()
         self._job_thread: threading.Thread | None = None
         self.encode_jobs_open = 0
         self.wake_r, self._wake_w = os.pipe()  # the encode-jobs thread wakes the instance loop through it
@@ -189,14 +193,14 @@ class InstanceEngine(Engine):
         self.encode_jobs_open += 1
         if pixels is not None:
             self._encoding.add(job.image.content_hash)
-        self._jobs.put((job, pixels))
+        self._jobs.put((0 if job.dest else 1, next(self._job_seq), job, pixels))
 
     def _encode_loop(self) -> None:
         while True:
-            batch = [self._jobs.get()]
+            batch = [self._jobs.get()[2:]]
             tokens = batch[0][0].image.num_tokens
             while not self._jobs.empty() and tokens < self.scheduler.encode_budget:
-                batch.append(self._jobs.get_nowait())
+                batch.append(self._jobs.get_nowait()[2:])
                 tokens += batch[-1][0].image.num_tokens
             try:
                 self._run_jobs(batch)
