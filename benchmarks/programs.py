@@ -40,7 +40,9 @@ def qa_batch(n: int, seed: int) -> list[dict]:
 
 
 def timed(rt: epd.Runtime, fn: epd.SglFunction, batch: list[dict], optimize: bool) -> dict:
-    rt.deployment.request_control("flush_cache").result(60)
+    flushed = rt.deployment.request_control("flush_cache").result(60)
+    if not all(r.get("ok") for r in flushed.values()):
+        raise RuntimeError(f"could not flush the caches before a run: {flushed}")
     before = rt.stats()
     t0 = time.perf_counter()
     states = fn.run_batch(batch, backend=rt, optimize=optimize, temperature=0)
