@@ -22,7 +22,7 @@ from runtime import wire
 from runtime.instance_engine import to_wire
 from runtime.messages import GenerateRequest, RequestOutput
 from runtime.radix_cache import prefix_keys
-from runtime.router_policy import InstanceView, chunk_chain, pick_decode, pick_prefill, plan_encodes
+from runtime.router_policy import InstanceView, chunk_chain, pick_decode, pick_prefill, plan_encodes_for
 from runtime.transfer import TransferBackend
 from runtime.wire import (Abort, Control, ControlReply, Embedding, EncodeDone, EncodeJob, Handoff, Load,
                           NeedEncode, Outputs, Ready, Rejected, Shutdown, Submit, WireImage)
@@ -132,9 +132,8 @@ class Router:
             task.rids.discard(rid)
 
     def _cmd_encode_ahead(self, images: list) -> None:
-        encoders = self._ready("E")
-        for h, view in plan_encodes([(im.content_hash, im.num_tokens) for im in images], encoders).items():
-            image = next(im for im in images if im.content_hash == h)
+        unique = list({im.content_hash: im for im in images}.values())
+        for image, view in plan_encodes_for(unique, self._ready("E")):
             self._encode(image, None, None, view)
 
     def _cmd_control(self, op: str, future: Future) -> None:
@@ -411,8 +410,3 @@ class Router:
 
     def _track(self, name: str, handle: Any) -> None:
         self.sent_handles[name].append(handle)
-
-
-def plan_encodes_for(images: list, encoders: list[InstanceView]) -> list[tuple[Any, InstanceView]]:
-    plan = plan_encodes([(im.content_hash, im.num_tokens) for im in images], encoders)
-    return [(im, plan[im.content_hash]) for im in images if im.content_hash in plan]

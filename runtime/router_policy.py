@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 MAX_CHUNKS_PER_INSTANCE = 1 << 16
 MAX_HASHES_PER_INSTANCE = 1 << 14
@@ -103,3 +103,9 @@ def plan_encodes(images: Sequence[tuple[str, int]], encoders: Sequence[InstanceV
         if not holders:
             extra[best.name] += tokens
     return plan
+
+
+def plan_encodes_for(images: Sequence, encoders: Sequence[InstanceView]) -> list[tuple[Any, InstanceView]]:
+    """`plan_encodes` over image objects (with `content_hash`, `num_tokens`): (image, instance) pairs."""
+    plan = plan_encodes([(im.content_hash, im.num_tokens) for im in images], encoders)
+    return [(im, plan[im.content_hash]) for im in images if im.content_hash in plan]
