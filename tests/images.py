@@ -1,7 +1,11 @@
 """Small synthetic test images with some structure (not blank), deterministic."""
 from __future__ import annotations
 
+import contextlib
+import http.server
 import io
+import threading
+from typing import Iterator
 
 from PIL import Image, ImageDraw
 
@@ -29,3 +33,32 @@ def make_gif(colors: tuple[str, ...] = ("red", "blue"), size: tuple[int, int] = 
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
     return buf.getvalue()
+
+
+@contextlib.contextmanager
+def serve_image(data: bytes) -> Iterator[str]:
+    """A local HTTP server for one image: its base URL. Any path gets the image, except `/hop`, which
+    redirects to `/img.png`."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/hop":
+                self.send_response(302)
+                self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/img.png")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

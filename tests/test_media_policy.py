@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import asyncio
-import http.server
-import threading
 
 import pytest
 
-from images import image_bytes, make_image
+from images import image_bytes, make_image, serve_image
 from runtime.server.config import Limits
 from runtime.server.errors import MediaNotAllowed
 from runtime.server.media import MediaLoader
@@ -16,26 +14,8 @@ from runtime.server.media import MediaLoader
 @pytest.fixture
 def local_image_url():
     png = image_bytes(make_image("red", (32, 32)))
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/hop":
-                self.send_response(302)
-                self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/img.png")
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.end_headers()
-            self.wfile.write(png)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_port}", png
-    httpd.shutdown()
+    with serve_image(png) as base:
+        yield base, png
 
 
 async def _read(loader: MediaLoader, url: str) -> bytes:

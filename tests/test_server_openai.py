@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.server
 import json
 import re
-import threading
 
 import openai
 import pytest
 
-from images import image_bytes, make_gif, make_image
+from images import image_bytes, make_gif, make_image, serve_image
 from server_helpers import data_url
 
 pytest_plugins = ["server_fixture"]
@@ -89,26 +87,8 @@ def test_gif_first_frame(client):
 
 
 def test_http_image_url(client):
-    png = image_bytes(make_image("red", (64, 64)))
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("content-type", "image/png")
-            self.end_headers()
-            self.wfile.write(png)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/red.png"
-        by_url = chat(client, [image_message(url)]).choices[0].message.content
-    finally:
-        httpd.shutdown()
+    with serve_image(image_bytes(make_image("red", (64, 64)))) as base:
+        by_url = chat(client, [image_message(f"{base}/red.png")]).choices[0].message.content
     assert by_url == chat(client, [image_message(data_url(make_image("red", (64, 64))))]).choices[0].message.content
 
 
