@@ -80,10 +80,14 @@ class Instance:
             frames = self.sock.recv_multipart(copy=False)
             try:
                 msg, data = wire.decode([f.buffer for f in frames])
+            except wire.WireError:
+                log.exception("dropped a frame that is not a message")
+                continue
+            try:
                 self._handle(msg, data)
             except Exception as exc:  # a bad message must not stop the loop
-                log.exception("failed to handle a message")
-                rid = getattr(getattr(locals().get("msg"), "req", None), "rid", None)
+                log.exception("failed to handle %s", type(msg).__name__)
+                rid = getattr(getattr(msg, "req", None), "rid", None)
                 if rid is not None:
                     self.send(Rejected(rid, type(exc).__name__, str(exc)))
 

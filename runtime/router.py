@@ -166,13 +166,10 @@ class Router:
         if p is None or (need and not self._ready("E")) or not self._ready("D"):
             self.deferred.append(rid)
             return
-        incoming = []
         for image, e in plan_encodes_for(need, self._ready("E")):
             self._encode(image, p.name, rid, e)
-            incoming.append(image.content_hash)
-        incoming += [h for (h, dest), t in self.encodes.items() if dest == p.name and rid in t.rids
-                     and h not in incoming]
-        self._submit(flight, p, tuple(incoming))
+        incoming = {im.content_hash for im in flight.msg.images if (im.content_hash, p.name) in self.encodes}
+        self._submit(flight, p, tuple(sorted(incoming)))
 
     def _choose_prefill(self, flight: Flight) -> InstanceView | None:
         session = self.sessions.get(flight.msg.session_id or "")
