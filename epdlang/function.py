@@ -108,8 +108,8 @@ class SglFunction:
 
     def _body(self, state: ProgramState, args: tuple, kwargs: dict, raise_errors: bool) -> ProgramState:
         try:
-            self.fn(state, *args, **kwargs)
-            state.sync()
+            state.ret_value = self.fn(state, *args, **kwargs)
+            state.sync_all()
         except BaseException as e:
             state._stream.finish(e)
             if raise_errors:

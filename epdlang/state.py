@@ -56,6 +56,8 @@ class ProgramState:
         self._tail: Future | None = None
         self._stream = _Stream()
         self._fork_at = 0  # pieces inherited from the parent, for join
+        self._branches: list[ProgramState] = []  # every fork's branches, joined or not
+        self.ret_value: Any = None  # what the program function returned (set when `run` returns)
 
     # ---- writing ----------------------------------------------------------------------------
     def __iadd__(self, other: Any) -> "ProgramState":
@@ -113,6 +115,16 @@ class ProgramState:
             self._tail.result(timeout)
         return self
 
+    def sync_all(self, timeout: float | None = None) -> "ProgramState":
+        """Wait for every statement of this state and of all its fork branches, joined or not (as
+        SGLang does at program end); re-raises the first error."""
+        self.sync(timeout)
+        done = 0
+        while done < len(self._branches):  # a branch may fork again while we wait
+            self._branches[done].sync_all(timeout)
+            done += 1
+        return self
+
     def __getitem__(self, name: str) -> Any:
         self.sync()
         if name not in self.variables:
@@ -146,6 +158,7 @@ class ProgramState:
         if not isinstance(size, int) or size < 1:
             raise ProgramError(f"fork() needs a positive int, got {size!r} (at {where()})")
         branches = [ProgramState(self.backend, self.defaults, self.session_id) for _ in range(size)]
+        self._branches.extend(branches)
         prev = self._tail
 
         async def start() -> None:

@@ -94,6 +94,41 @@ def turns(s, a, b):
         s += epd.assistant(epd.gen(f"again{turn}", max_tokens=4))
 
 
+@epd.function
+def unjoined(s, img):
+    s += epd.user(epd.image(img) + "Look.")
+    forks = s.fork(2)
+    forks[0] += epd.assistant(epd.select("pick", choices=["red", "blue"]))
+    forks[1] += epd.assistant(epd.gen("say", max_tokens=3, temperature=0))
+    forks[1] += epd.user("More.")
+    forks[1] += epd.assistant(epd.gen("more", max_tokens=2, temperature=0))
+    return forks  # never joined: run() must still finish every branch (as SGLang does)
+
+
+@pytest.mark.parametrize("backend", ["rt", "endpoint"])
+def test_unjoined_fork_branches_run_before_run_returns(backend, request):
+    state = unjoined.run(fresh(8), backend=request.getfixturevalue(backend))
+    forks = state.ret_value
+    assert isinstance(forks, epd.ForkGroup) and len(forks) == 2
+    # read without syncing: the branches' variables are already there when run() has returned
+    assert forks[0].variables["pick"] in ("red", "blue")
+    assert forks[1].variables.keys() >= {"say", "more"}
+    assert forks[1].meta["more"]["completion_tokens"] == 2
+    assert "pick" not in state.variables  # nothing was joined back into the parent
+
+
+@pytest.mark.parametrize("backend", ["rt", "endpoint"])
+def test_ret_value_is_what_the_function_returned(backend, request):
+    @epd.function
+    def answer(s, img):
+        s += epd.user(epd.image(img) + "Name a color.")
+        s += epd.assistant(epd.gen("color", max_tokens=2, temperature=0))
+        return {"color": s["color"], "n": 7}
+
+    state = answer.run(fresh(9), backend=request.getfixturevalue(backend))
+    assert state.ret_value == {"color": state["color"], "n": 7}
+
+
 def test_each_image_uploaded_and_encoded_once_per_program(endpoint):
     uploads, encoded, _ = counters(endpoint)
     state = turns.run(fresh(1), fresh(2), backend=endpoint)

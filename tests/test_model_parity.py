@@ -223,7 +223,19 @@ def test_partial_loads(qwen2_checkpoint, qwen2):
     torch.testing.assert_close(prefill_all(lm, ids), prefill_all(ours, ids), atol=0, rtol=0)
 
 
+def rms(t: torch.Tensor) -> float:
+    return float(t.double().pow(2).mean().sqrt())
+
+
 def test_bf16_checkpoint_loads(tmp_path):
+    """bf16 parity, made independent of the CPU's bf16 kernels (AVX-512-BF16/AMX or emulated).
+
+    Our bf16 logits and transformers' bf16 logits both differ from the fp32 reference by bf16 rounding,
+    and by how much depends on the CPU, so they are not compared with each other at a fixed atol. What
+    is held instead, on any CPU: (1) our rms error against fp32 is within a few bf16 epsilons of the
+    logit scale, (2) it is at most twice transformers' own bf16 error on the same machine, and (3) the
+    greedy token matches fp32 wherever fp32's top-two margin is far above that rounding noise.
+    """
     hf = save_checkpoint(transformers.Qwen2VLForConditionalGeneration, qwen2_config(), tmp_path, torch.bfloat16)
     assert next(iter(load_file(tmp_path / "model.safetensors").values())).dtype == torch.bfloat16
     ids, pixels = image_prompt(GRIDS[1:], 13), pixels_for(GRIDS[1:], 14)
@@ -236,7 +248,14 @@ def test_bf16_checkpoint_loads(tmp_path):
     hf_bf16 = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     ref_bf16 = hf_logits(hf_bf16, ids, GRIDS[1:], pixels.bfloat16()).float()
     assert bf16.dtype == torch.float32
-    torch.testing.assert_close(bf16, ref_bf16, atol=1e-2, rtol=0)
+    noise = torch.finfo(torch.bfloat16).eps * rms(ref)  # one bf16 rounding step at the logits' scale
+    ours_err, theirs_err = rms(bf16 - ref), rms(ref_bf16 - ref)
+    assert 0 < ours_err <= 4 * noise, (ours_err, noise)  # 0: the bf16 path really ran in bf16
+    assert ours_err <= 2 * theirs_err + 0.1 * noise, (ours_err, theirs_err)
+    top2 = ref.topk(2, dim=-1).values
+    decided = (top2[:, 0] - top2[:, 1]) > 16 * noise
+    assert decided.sum() >= len(ids) // 2
+    assert torch.equal(bf16.argmax(-1)[decided], ref.argmax(-1)[decided])
 
 
 def to_transformers5_shards(path: Path) -> None:
