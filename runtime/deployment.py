@@ -171,16 +171,18 @@ class Deployment:
             return
         self._closed = True
         self.launcher.stopping = True
-        if self._thread.is_alive():
-            self.router.post("stop")
-            self._thread.join(timeout_s)
-        self.launcher.stop(timeout_s)
-        self._sock.close(0)
-        self._ctx.term()
-        leftovers = sweep_segments(self.segment_prefix)
-        if leftovers:
-            log.info("removed %d shared-memory segments left in flight", len(leftovers))
-        shutil.rmtree(self._log_dir, ignore_errors=True)
+        try:
+            if self._thread.is_alive():
+                self.router.post("stop")
+                self._thread.join(timeout_s)
+            self.launcher.stop(timeout_s)
+        finally:  # whatever failed above, a socket left open would hang zmq's context at exit
+            self._sock.close(0)
+            self._ctx.term()
+            leftovers = sweep_segments(self.segment_prefix)
+            if leftovers:
+                log.info("removed %d shared-memory segments left in flight", len(leftovers))
+            shutil.rmtree(self._log_dir, ignore_errors=True)
 
     def __enter__(self) -> "Deployment":
         return self

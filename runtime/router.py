@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 import time
 from collections import Counter, defaultdict, deque
 from concurrent.futures import Future
@@ -74,32 +75,55 @@ class Router:
         self.controls: dict[int, tuple[Future, set[str], dict]] = {}
         self.ready_event = None  # set by the deployment: called with each Ready
         self._commands: queue.Queue = queue.Queue()
+        self._wake_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self._next_call = 0
         self.stopping = False
         self.stats: Counter[str] = Counter()  # instance_deaths, retried, failed
 
     # ---- other threads ----------------------------------------------------------------------------
     def post(self, *command: Any) -> None:
-        self._commands.put(command)
-        os.write(self._wake_w, b"x")
+        """Queue a command for the router thread. Once the router has stopped, commands are refused (a
+        submit's sink gets RequestAborted) and the closed wake pipe's fd, maybe reused since, is never touched."""
+        with self._wake_lock:
+            if self._wake_w < 0:
+                _refuse(command)
+                return
+            self._commands.put(command)
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # the pipe is full, so the loop is awake anyway
 
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        while not self.stopping:
-            events = dict(poller.poll(50))
-            if self._wake_r in events:
-                os.read(self._wake_r, 4096)
-            self._run_commands()
-            while self.sock.poll(0):
-                self._receive()
-            for name in self.reap():
-                self._on_death(name)
-            self._retry_waiting()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        try:
+            while not self.stopping:
+                events = dict(poller.poll(50))
+                if self._wake_r in events:
+                    os.read(self._wake_r, 4096)
+                self._run_commands()
+                while self.sock.poll(0):
+                    self._receive()
+                for name in self.reap():
+                    self._on_death(name)
+                self._retry_waiting()
+        finally:
+            self._close_wake()
+
+    def _close_wake(self) -> None:
+        with self._wake_lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+        while not self._commands.empty():
+            _refuse(self._commands.get_nowait())
+        for flight in self.flights.values():  # only left if the loop died: nobody would answer them
+            flight.sink(errors.RequestAborted("the router stopped"))
+        self.flights.clear()
 
     def _run_commands(self) -> None:
         while True:
@@ -407,3 +431,13 @@ class Router:
 
     def _track(self, name: str, handle: Any) -> None:
         self.sent_handles[name].append(handle)
+
+
+def _refuse(command: tuple) -> None:
+    """Answer a command that arrived after the router stopped, so that no caller waits for it forever."""
+    kind, *args = command
+    gone = errors.RequestAborted("the deployment is shut down")
+    if kind == "submit":
+        args[1](gone)
+    elif kind == "control" and not args[1].done():
+        args[1].set_exception(gone)

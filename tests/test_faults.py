@@ -10,6 +10,7 @@ import time
 import pytest
 
 from deployment_helpers import ENGINE_ARGS, alive, collect, prepare, run_all, segments, tokens
+from epdlang.errors import RequestAborted
 from epdlang.sampling import SamplingParams
 from images import make_image
 from runtime.deployment import Deployment
@@ -122,3 +123,7 @@ def test_shutdown_leaves_nothing(tiny_model_dir):
     assert not any(alive(pid) for pid in pids)
     assert segments(prefix) == []
     assert not dep.is_alive()
+    late = asyncio.run(asyncio.wait_for(collect(dep, prepare(dep, _request("red"), SHORT)), 5))
+    assert isinstance(late, RequestAborted)  # refused at once: no hang, no write to a closed (reused) fd
+    with pytest.raises(RequestAborted):
+        dep.snapshot_now(timeout_s=5)
