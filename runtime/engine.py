@@ -257,13 +257,15 @@ class Engine:
         return outputs
 
     def _delta(self, req: Req) -> RequestOutput:
+        send_prompt_lps = not req.prompt_logprobs_sent and (req.output_ids or req.finish_reason)
+        req.prompt_logprobs_sent = req.prompt_logprobs_sent or bool(send_prompt_lps)
         out = RequestOutput(
             rid=req.rid, new_token_ids=tuple(req.pending_ids), new_text=req.pending_text,
             finished=req.finish_reason is not None, finish_reason=req.finish_reason,
             matched_stop=req.matched_stop, prompt_tokens=req.prompt_len,
             completion_tokens=len(req.output_ids), cached_tokens=req.cached_tokens,
             logprobs=tuple(req.pending_logprobs),
-            prompt_logprobs=tuple(req.prompt_logprobs) if req.finish_reason else (), error=req.error)
+            prompt_logprobs=tuple(req.prompt_logprobs) if send_prompt_lps else (), error=req.error)
         req.pending_ids, req.pending_logprobs, req.pending_text = [], [], ""
         return out
 
@@ -320,5 +322,6 @@ def _merge(rid: str, deltas: list[RequestOutput]) -> Completion:
         rid=rid, text="".join(d.new_text for d in deltas),
         token_ids=tuple(t for d in deltas for t in d.new_token_ids),
         finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens, cached_tokens=last.cached_tokens,
-        logprobs=tuple(lp for d in deltas for lp in d.logprobs), prompt_logprobs=last.prompt_logprobs,
+        logprobs=tuple(lp for d in deltas for lp in d.logprobs),
+        prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs), ()),
         matched_stop=last.matched_stop, error=last.error)

@@ -170,6 +170,7 @@ class InstanceEngine(Engine):
         self.kv_pool.v[:, slots] = kv[1]
         req.num_computed, req.cached_tokens = n, handoff.cached_tokens
         req.prompt_logprobs = list(handoff.prompt_logprobs)
+        req.prompt_logprobs_sent = bool(handoff.output_ids)  # P sent them with the first token
         if handoff.rng_state is not None:
             gen = req.sampling_state.generator(self.kv_pool.k.device)
             gen.set_state(torch.frombuffer(bytearray(handoff.rng_state), dtype=torch.uint8))

@@ -38,6 +38,7 @@ class Req:
     image_embeds: list[torch.Tensor | None] = field(default_factory=list)
     _mm_embeds: torch.Tensor | None = None
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False  # complete once the first token is out; sent with that delta
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     pending_ids: list[int] = field(default_factory=list)
     pending_text: str = ""

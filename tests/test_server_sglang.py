@@ -86,6 +86,41 @@ def test_streaming_text_is_cumulative(http):
     assert generate(http, **body)["text"] == texts[-1]
 
 
+
+def stream_chunks(http, body: dict) -> list[dict]:
+    with http.stream("POST", "/generate", json=body | {"stream": True}) as r:
+        assert r.status_code == 200
+        events = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
+    assert events[-1] == "[DONE]"
+    return [orjson.loads(e) for e in events[:-1]]
+
+
+@pytest.mark.parametrize("top_n", [0, 3])
+def test_streamed_logprobs_are_incremental_as_sglang_sends_them(http, top_n):
+    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True},
+            "return_logprob": True, "top_logprobs_num": top_n, "return_text_in_logprobs": True}
+    chunks = stream_chunks(http, body)
+    whole = generate(http, **body)
+    assert len(chunks) > 2
+    seen = []
+    for c in chunks:
+        meta = c["meta_info"]
+        assert c["text"]  # never a chunk without text
+        seen += meta["output_token_logprobs"]  # only this chunk's new tokens
+        assert meta["output_token_logprobs_length"] == meta["completion_tokens"] == len(seen) == len(c["output_ids"])
+        assert [t for _, t, _ in seen] == c["output_ids"]
+        if top_n:
+            assert len(meta["output_top_logprobs"]) == len(meta["output_token_logprobs"])
+        assert len(meta["input_token_logprobs"]) == 1  # the default start: the last prompt token
+    full = whole["meta_info"]
+    assert full["output_token_logprobs_length"] == full["completion_tokens"] == 12
+    assert [t for _, t, _ in seen] == [t for _, t, _ in full["output_token_logprobs"]] == whole["output_ids"]
+    assert [lp for lp, _, _ in seen] == pytest.approx([lp for lp, _, _ in full["output_token_logprobs"]], abs=1e-4)
+    assert "".join(text for _, _, text in seen) == whole["text"] == chunks[-1]["text"]
+    assert full.keys() == chunks[-1]["meta_info"].keys() >= {"id", "finish_reason", "prompt_tokens",
+                                                             "completion_tokens", "cached_tokens",
+                                                             "weight_version", "e2e_latency"}
+
 def test_image_data_and_regex(http):
     b64 = base64.b64encode(image_bytes(make_image("blue", (64, 64)))).decode()
     text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"

@@ -115,19 +115,28 @@ async def _requests(fe: Frontend, req: GenerateReqInput) -> tuple[list, list[Log
     return msgs, opts
 
 
-def _output(fe: Frontend, stream: EngineStream, opts: LogprobOptions, t0: float, index: int | None) -> dict:
-    texts = token_texts(fe.processor.tokenizer, logprob_ids(stream.acc, opts))
-    return output(stream.acc, opts, texts, time.perf_counter() - t0, index)
+def _output(fe: Frontend, stream: EngineStream, opts: LogprobOptions, t0: float, index: int | None,
+            sent: int = 0) -> dict:
+    texts = token_texts(fe.processor.tokenizer, logprob_ids(stream.acc, opts, sent))
+    return output(stream.acc, opts, texts, time.perf_counter() - t0, index, sent)
 
 
 async def _stream(jobs: list[tuple[EngineStream, LogprobOptions]], fe: Frontend, t0: float,
                   index: bool) -> AsyncIterator[bytes]:
-    """SGLang's stream: each event carries the cumulative text and meta_info of one request."""
+    """SGLang's stream: each event carries one request's cumulative text and output ids, and the logprobs
+    of the tokens that are new since that request's previous event. No event goes out before the request
+    has text, except its last (an empty answer); an event that would carry nothing new is skipped."""
+    sent = [0] * len(jobs)  # output tokens already covered by an event, per job
+    done = [False] * len(jobs)
     try:
-        async for i, out in merged([s for s, _ in jobs]):
-            if out.new_text or out.finished or out.new_token_ids:
-                stream, opts = jobs[i]
-                yield event(_output(fe, stream, opts, t0, i if index else None))
+        async for i, _ in merged([s for s, _ in jobs]):
+            stream, opts = jobs[i]
+            acc = stream.acc
+            fresh = len(acc.token_ids) > sent[i] or (acc.finished and not done[i])
+            if not fresh or not (acc.text or acc.finished):
+                continue
+            yield event(_output(fe, stream, opts, t0, i if index else None, sent[i]))
+            sent[i], done[i] = len(acc.token_ids), acc.finished
     except Exception as exc:
         status, message, code, param = from_exception(exc)
         yield event(error_body(status, message, code, param))

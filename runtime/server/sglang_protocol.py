@@ -157,33 +157,40 @@ def _tops(lp: TokenLogprob | None, texts: dict[int, str], with_text: bool) -> li
     return None if lp is None else [_triple(v, t, texts, with_text) for t, v in lp.top]
 
 
-def logprob_ids(acc: Accum, opts: LogprobOptions) -> set[int]:
-    """Token ids whose text the logprob fields need."""
+def logprob_ids(acc: Accum, opts: LogprobOptions, sent: int = 0) -> set[int]:
+    """Token ids whose text the logprob fields need (output tokens from position `sent` on)."""
     if not (opts.enabled and opts.with_text):
         return set()
-    ids = set(acc.token_ids) | set(opts.input_ids[opts.start or 0:])
-    return ids | {t for lp in (*acc.logprobs, *acc.prompt_logprobs) if lp for t, _ in lp.top}
+    new = acc.logprobs[sent:]
+    ids = set(acc.token_ids[sent:]) | set(opts.input_ids[opts.start or 0:])
+    return ids | {t for lp in (*new, *acc.prompt_logprobs) if lp for t, _ in lp.top}
 
 
-def meta_info(acc: Accum, opts: LogprobOptions, texts: dict[int, str], e2e: float) -> dict:
+def meta_info(acc: Accum, opts: LogprobOptions, texts: dict[int, str], e2e: float, sent: int = 0) -> dict:
+    """SGLang's meta_info. In a stream, the output logprob lists hold only the tokens after `sent` (the
+    ones earlier chunks did not carry), as SGLang's incremental streaming does, while
+    `output_token_logprobs_length` counts every output token so far."""
     info = {"id": acc.rid, "finish_reason": finish_reason(acc), "prompt_tokens": acc.prompt_tokens,
             "completion_tokens": acc.completion_tokens, "cached_tokens": acc.cached_tokens,
-            "e2e_latency": round(e2e, 6)}
+            "weight_version": "default", "e2e_latency": round(e2e, 6)}
     if not opts.enabled:
         return info
     w = opts.with_text
     start = opts.start or 0
     prompt = [(lp, opts.input_ids[start + k]) for k, lp in enumerate(acc.prompt_logprobs)]
+    new = acc.logprobs[sent:]
     info["input_token_logprobs"] = [_triple(lp and lp.logprob, tok, texts, w) for lp, tok in prompt]
-    info["output_token_logprobs"] = [_triple(lp.logprob, lp.token_id, texts, w) for lp in acc.logprobs]
+    info["output_token_logprobs"] = [_triple(lp.logprob, lp.token_id, texts, w) for lp in new]
+    info["output_token_logprobs_length"] = len(acc.logprobs)
     if opts.top_n > 0:
         info["input_top_logprobs"] = [_tops(lp, texts, w) for lp, _ in prompt]
-        info["output_top_logprobs"] = [_tops(lp, texts, w) for lp in acc.logprobs]
+        info["output_top_logprobs"] = [_tops(lp, texts, w) for lp in new]
     return info
 
 
-def output(acc: Accum, opts: LogprobOptions, texts: dict[int, str], e2e: float, index: int | None) -> dict:
-    out = {"text": acc.text, "output_ids": list(acc.token_ids), "meta_info": meta_info(acc, opts, texts, e2e)}
+def output(acc: Accum, opts: LogprobOptions, texts: dict[int, str], e2e: float, index: int | None,
+           sent: int = 0) -> dict:
+    out = {"text": acc.text, "output_ids": list(acc.token_ids), "meta_info": meta_info(acc, opts, texts, e2e, sent)}
     if index is not None:
         out["index"] = index
     return out
