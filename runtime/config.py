@@ -26,6 +26,7 @@ class EngineConfig:
     load_vision: bool = True
     load_lm: bool = True
     num_threads: int | None = None
+    json_whitespace_flexible: bool = False  # JSON constraints allow any whitespace (default: compact)
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

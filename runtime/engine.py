@@ -141,7 +141,8 @@ class Engine:
         from runtime.grammar import GrammarCompiler
 
         if self._grammar is None:
-            self._grammar = GrammarCompiler(self.processor.tokenizer)
+            self._grammar = GrammarCompiler(self.processor.tokenizer,
+                                            json_whitespace_flexible=self.config.json_whitespace_flexible)
         return self._grammar
 
     # ---- the loop -----------------------------------------------------------------------------

@@ -51,15 +51,21 @@ class GrammarMatcher:
 class GrammarCompiler:
     """Compiles constraints for one tokenizer. `vocab_size` is the model's logits width (it may be
     larger than the tokenizer's; the extra ids are never allowed). `eos_ids` are the ids the grammar
-    allows once it is complete (default: the tokenizer's EOS)."""
+    allows once it is complete (default: the tokenizer's EOS).
+
+    JSON is compact by default (no whitespace between tokens, as `json.dumps(separators=(",", ":"))`
+    writes it): with llguidance's flexible whitespace a model may pad with spaces and newlines until
+    max_tokens runs out. `json_whitespace_flexible=True` allows any whitespace; a schema's own
+    `"x-guidance"` options (llguidance's JSON options) override either default per request."""
 
     def __init__(self, tokenizer: Any, vocab_size: int | None = None,
-                 eos_ids: Sequence[int] | None = None) -> None:
+                 eos_ids: Sequence[int] | None = None, json_whitespace_flexible: bool = False) -> None:
         import llguidance.hf
 
         eos = list(eos_ids) if eos_ids else None
         self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
         self.vocab_size = self.ll_tokenizer.vocab_size
+        self.json_defaults = {"whitespace_flexible": json_whitespace_flexible}
         self._template = functools.lru_cache(maxsize=256)(self._build)
 
     def compile(self, regex: str | None = None, json_schema: str | dict | None = None,
@@ -87,7 +93,10 @@ class GrammarCompiler:
     def _build(self, kind: str, text: str) -> LLMatcher:
         """Compiled once per distinct constraint; each request gets a deep copy."""
         try:
-            grammar = llguidance.grammar_from(kind, text)
+            if kind == "json_schema":
+                grammar = LLMatcher.grammar_from_json_schema(text, defaults=self.json_defaults)
+            else:
+                grammar = llguidance.grammar_from(kind, text)
         except ValueError as e:
             raise InvalidRequest(f"invalid {kind}: {e}") from None
         matcher = LLMatcher(self.ll_tokenizer, grammar, log_level=0)

@@ -67,6 +67,30 @@ def test_json_schema_constrained_sampling(tok, vocab, compiler):
         assert isinstance(value["age"], int) and value["age"] <= 999
 
 
+def whitespace_allowed_after_brace(tok, vocab, matcher) -> bool:
+    """Whether any token that is pure whitespace may follow the opening `{`."""
+    assert matcher.accept(tok("{", add_special_tokens=False)["input_ids"][0])
+    logits = torch.zeros(1, vocab)
+    apply_grammar_masks(logits, [(matcher, 0)])
+    allowed = torch.isfinite(logits[0]).nonzero().flatten().tolist()
+    return any(tok.decode([t]).isspace() for t in allowed if t < len(tok))
+
+
+def test_json_is_compact_unless_flexible(tok, vocab, compiler):
+    compact = json.dumps(SCHEMA)
+    flexible = json.dumps(SCHEMA | {"x-guidance": {"whitespace_flexible": True}})
+    assert not whitespace_allowed_after_brace(tok, vocab, compiler.compile(json_schema=compact))
+    assert not whitespace_allowed_after_brace(tok, vocab, compiler.compile(json_object=True))
+    assert whitespace_allowed_after_brace(tok, vocab, compiler.compile(json_schema=flexible))  # per request
+    loose = GrammarCompiler(tok, vocab_size=vocab, json_whitespace_flexible=True)
+    assert whitespace_allowed_after_brace(tok, vocab, loose.compile(json_schema=compact))
+    strict = json.dumps(SCHEMA | {"x-guidance": {"whitespace_flexible": False}})
+    assert not whitespace_allowed_after_brace(tok, vocab, loose.compile(json_schema=strict))
+    state = SamplingState(SamplingParams(temperature=1.0, seed=5), grammar=compiler.compile(json_schema=compact))
+    text = generate(tok, vocab, state, 5)
+    assert text == json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
+
+
 def test_json_object_and_greedy(tok, vocab, compiler):
     state = SamplingState(SamplingParams(), grammar=compiler.compile(json_object=True))
     assert isinstance(json.loads(generate(tok, vocab, state)), dict)
@@ -109,3 +133,15 @@ def test_single_row_fill_mask_agrees_with_batched_masks(compiler, vocab):
     bits = (bitmask[1, :, None] >> torch.arange(32)) & 1
     assert bits.flatten()[:vocab].bool().tolist() == torch.isfinite(logits[0]).tolist()
     assert not bitmask[0].any()
+
+
+def test_serve_flag_makes_json_whitespace_flexible(tiny_model_dir):
+    from runtime.cli import build_parser
+    from runtime.engine import Engine
+    from runtime.server.cli import config_from_args
+
+    for argv, flexible in ((["serve", str(tiny_model_dir)], False),
+                           (["serve", str(tiny_model_dir), "--json-whitespace-flexible"], True)):
+        overrides = config_from_args(build_parser().parse_args(argv)).engine_overrides
+        engine = Engine(tiny_model_dir, kv_cache_bytes=8 << 20, **overrides)
+        assert engine.grammar_compiler().json_defaults == {"whitespace_flexible": flexible}

@@ -36,6 +36,8 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--kv-cache-mb", type=int, default=None, help="KV pool size (engine default if unset)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads in all (split over the instances)")
+    p.add_argument("--json-whitespace-flexible", action="store_true",
+                   help="JSON output may contain any whitespace (default: compact; a request's x-guidance overrides)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(handler=serve)
 
@@ -51,7 +53,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
         model = str(ensure_tiny_model("tiny"))
     overrides = {"kv_cache_bytes": args.kv_cache_mb and args.kv_cache_mb << 20,
-                 "max_model_len": args.max_model_len}
+                 "max_model_len": args.max_model_len,
+                 "json_whitespace_flexible": args.json_whitespace_flexible or None}
     limits = Limits(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
                     max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
                     max_total_tokens=args.max_total_tokens, default_max_tokens=args.default_max_tokens,

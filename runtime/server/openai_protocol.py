@@ -94,6 +94,7 @@ class _Sampling(_Model):
     stream_options: StreamOptions | None = None
     session_id: str | None = None
     user: str | None = None
+    x_guidance: dict | None = Field(None, alias="x-guidance")  # llguidance JSON options for this request
 
     @property
     def include_usage(self) -> bool:
@@ -122,10 +123,17 @@ class _Sampling(_Model):
         if fmt is None or fmt.type == "text":
             return None
         if fmt.type == "json_object":
-            return '{"type": "object"}'
-        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            schema: dict | bool = {"type": "object"}
+        elif fmt.json_schema is None or fmt.json_schema.schema_ is None:
             raise InvalidRequest("response_format json_schema needs json_schema.schema")
-        return json.dumps(fmt.json_schema.schema_)
+        else:
+            schema = fmt.json_schema.schema_
+        if self.x_guidance:
+            schema = {} if schema is True else schema
+            if not isinstance(schema, dict):
+                raise InvalidRequest("x-guidance needs an object schema")
+            schema = schema | {"x-guidance": schema.get("x-guidance", {}) | self.x_guidance}
+        return json.dumps(schema)
 
 
 class ChatCompletionRequest(_Sampling):
