@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 setup: $(VENV)/.installed
 
 serve: $(VENV)/.installed
-	$(PY) -m runtime.demo
+	$(PY) -m runtime.quickstart
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import image_request, synthetic_image, text_of_tokens, write_result
+from offline_kit import image_request, synthetic_image, text_of_tokens, write_result
 
 from epdlang.sampling import SamplingParams
-from runtime.engine import Engine
+from runtime.engine.core import Engine
 from runtime.tiny_model import ensure_tiny_model
 
 

@@ -21,7 +21,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "programs")]
 
 import epdlang as epd  # noqa: E402
 from agent_loop import agent  # noqa: E402
-from common import synthetic_image, write_result  # noqa: E402
+from offline_kit import synthetic_image, write_result  # noqa: E402
 
 SYSTEM = "You are a meticulous visual analyst. Compare images carefully and answer briefly. " * 4
 

@@ -5,7 +5,7 @@ Every turn extends the same conversation, so each prompt reuses the KV of the tu
 """
 import json
 
-from _common import backend_from_args, epd
+from _cli import backend_from_args, epd
 
 TOOL_CALL = {
     "type": "object",

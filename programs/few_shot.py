@@ -1,5 +1,5 @@
 """Few-shot with image examples: labelled example images, then a query image."""
-from _common import backend_from_args, demo_image, epd
+from _cli import backend_from_args, demo_image, epd
 
 EXAMPLES = [("red", "warm"), ("blue", "cool"), ("orange", "warm")]
 

@@ -1,5 +1,5 @@
 """Fork/join: one image, several descriptions written in parallel from one shared prefix."""
-from _common import backend_from_args, demo_image, epd
+from _cli import backend_from_args, demo_image, epd
 
 ASPECTS = ["colors", "shapes", "mood"]
 

@@ -1,5 +1,5 @@
 """Image question answering: one image, one question, one answer."""
-from _common import backend_from_args, demo_image, epd
+from _cli import backend_from_args, demo_image, epd
 
 
 @epd.function

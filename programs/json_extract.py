@@ -1,7 +1,7 @@
 """JSON extraction under a schema: structured fields from an image."""
 import json
 
-from _common import backend_from_args, demo_image, epd
+from _cli import backend_from_args, demo_image, epd
 
 SCHEMA = {
     "type": "object",

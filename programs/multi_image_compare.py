@@ -1,5 +1,5 @@
 """Multi-image comparison: three images in one turn, then a follow-up that names one of them again."""
-from _common import backend_from_args, demo_image, epd
+from _cli import backend_from_args, demo_image, epd
 
 
 @epd.function

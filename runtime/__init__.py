@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {"Engine": "runtime.engine", "Completion": "runtime.engine", "EngineConfig": "runtime.config",
-         "Deployment": "runtime.deployment", "ensure_tiny_model": "runtime.tiny_model"}
+_LAZY = {"Engine": "runtime.engine.core", "Completion": "runtime.engine.core", "EngineConfig": "runtime.config",
+         "Deployment": "runtime.cluster.deployment", "ensure_tiny_model": "runtime.tiny_model"}
 
 __all__ = sorted(_LAZY)
 

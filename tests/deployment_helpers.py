@@ -7,9 +7,9 @@ import uuid
 from typing import Any
 
 from epdlang.sampling import SamplingParams
-from runtime.deployment import Deployment
+from runtime.cluster.deployment import Deployment
 from runtime.messages import GenerateRequest, RequestOutput
-from runtime.transfer import shm_dir
+from runtime.cluster.transfer import shm_dir
 
 ENGINE_ARGS = {"page_size": 8, "kv_cache_bytes": 32 << 20}
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.page_allocator import PageAllocator
-from runtime.radix_cache import RadixCache, TreeNode
+from runtime.engine.page_allocator import PageAllocator
+from runtime.engine.radix_cache import RadixCache, TreeNode
 
 IMG = 99
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from runtime import calibrate
-from runtime.engine import Engine
+from runtime.engine import calibrate
+from runtime.engine.core import Engine
 
 DECODE_BATCHES, PREFILL_TOKENS = (1, 4, 16), (32, 64, 128)
 

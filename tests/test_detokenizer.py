@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from epdlang.sampling import SamplingParams
-from runtime.detokenizer import IncrementalDetokenizer
+from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.tiny_model import ensure_tiny_model
 
 

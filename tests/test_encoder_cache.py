@@ -5,7 +5,7 @@ import threading
 
 import torch
 
-from runtime.encoder_cache import EncoderCache
+from runtime.engine.encoder_cache import EncoderCache
 
 
 def emb(n: int) -> torch.Tensor:

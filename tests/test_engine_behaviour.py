@@ -7,8 +7,8 @@ from epdlang.errors import ImageError, InvalidRequest, InvalidSamplingParams, Pr
 from epdlang.sampling import SamplingParams
 from images import make_image
 from prompts import parity_prompts
-from runtime.engine import Engine
-from runtime.scheduler import StepPlan
+from runtime.engine.core import Engine
+from runtime.engine.scheduler import StepPlan
 
 GREEDY = SamplingParams(max_new_tokens=10)
 

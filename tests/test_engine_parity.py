@@ -7,7 +7,7 @@ import torch
 from epdlang.sampling import SamplingParams
 from prompts import parity_prompts
 from reference import reference_greedy, reference_inputs
-from runtime.engine import Engine
+from runtime.engine.core import Engine
 
 MAX_NEW = 12
 PROMPTS = parity_prompts()

@@ -13,7 +13,7 @@ from deployment_helpers import ENGINE_ARGS, alive, collect, prepare, run_all, se
 from epdlang.errors import RequestAborted
 from epdlang.sampling import SamplingParams
 from images import make_image
-from runtime.deployment import Deployment
+from runtime.cluster.deployment import Deployment
 
 LONG = SamplingParams(max_new_tokens=400, ignore_eos=True)
 SHORT = SamplingParams(max_new_tokens=8, ignore_eos=True)

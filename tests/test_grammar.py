@@ -7,8 +7,8 @@ from transformers import AutoTokenizer
 
 from epdlang.errors import InvalidRequest
 from epdlang.sampling import SamplingParams
-from runtime.grammar import GrammarCompiler, apply_grammar_masks
-from runtime.sampler import SamplingState, sample
+from runtime.engine.grammar import GrammarCompiler, apply_grammar_masks
+from runtime.engine.sampler import SamplingState, sample
 from runtime.tiny_model import ensure_tiny_model
 
 SCHEMA = {
@@ -137,7 +137,7 @@ def test_single_row_fill_mask_agrees_with_batched_masks(compiler, vocab):
 
 def test_serve_flag_makes_json_whitespace_flexible(tiny_model_dir):
     from runtime.cli import build_parser
-    from runtime.engine import Engine
+    from runtime.engine.core import Engine
     from runtime.server.cli import config_from_args
 
     for argv, flexible in ((["serve", str(tiny_model_dir)], False),

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model_utils import PagedSequences, Step
-from runtime.forward_batch import KVPool
+from runtime.models.forward_batch import KVPool
 from runtime.models import load_model
 
 transformers = pytest.importorskip("transformers")

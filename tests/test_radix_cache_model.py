@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from radix_helpers import contents
-from runtime.page_allocator import OutOfPages, PageAllocator
-from runtime.radix_cache import RadixCache, TreeNode
+from runtime.engine.page_allocator import OutOfPages, PageAllocator
+from runtime.engine.radix_cache import RadixCache, TreeNode
 
 @dataclass
 class Running:

@@ -1,7 +1,7 @@
 """The router's choices as pure logic: encoder placement, prefix-aware prefill, page-aware decode."""
 from __future__ import annotations
 
-from runtime.router_policy import InstanceView, LruSet, chunk_chain, pick_decode, pick_prefill, plan_encodes
+from runtime.cluster.router_policy import InstanceView, LruSet, chunk_chain, pick_decode, pick_prefill, plan_encodes
 
 
 def _view(name: str, roles: str = "E", **kw) -> InstanceView:
@@ -65,7 +65,7 @@ def test_lru_set_is_bounded():
 
 def test_router_keeps_a_session_on_its_instances_until_it_ends():
     from runtime.messages import GenerateRequest
-    from runtime.router import Flight, Router
+    from runtime.cluster.router import Flight, Router
 
     router = Router(sock=None, transfer=None, page_size=4, image_token_id=0, reap=list)
     p0, p1 = _view("P0", "PD"), _view("P1", "PD", inflight=9)

@@ -2,7 +2,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from epdlang.sampling import SamplingParams
-from runtime.sampler import SamplingState, _process, prompt_logprobs, sample
+from runtime.engine.sampler import SamplingState, _process, prompt_logprobs, sample
 
 V = 64
 

@@ -7,8 +7,8 @@ import pytest
 from deployment_helpers import ENGINE_ARGS, alive, prepare, run_all, segments, tokens
 from epdlang.sampling import SamplingParams
 from images import make_image
-from runtime.deployment import Deployment
-from runtime.engine import Engine
+from runtime.cluster.deployment import Deployment
+from runtime.engine.core import Engine
 
 TOPOLOGIES = ["EPD", "E,PD", "EP,D", "ED,P", "E,P,D", "2E,P,D"]
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from runtime.topology import InstanceSpec, Topology, parse_topology
+from runtime.cluster.topology import InstanceSpec, Topology, parse_topology
 
 ACCEPTED = {
     "EPD": ["EPD0"],

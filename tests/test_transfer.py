@@ -14,7 +14,7 @@ import pytest
 import torch
 import zmq
 
-from runtime.transfer import (
+from runtime.cluster.transfer import (
     ShmTransfer,
     TensorHandle,
     TransferError,
@@ -197,7 +197,7 @@ PATIENT_RECEIVER = """
 import json, sys
 print("ready", flush=True)
 sys.stdin.readline()
-from runtime.transfer import ShmTransfer, TensorHandle
+from runtime.cluster.transfer import ShmTransfer, TensorHandle
 ShmTransfer(sys.argv[2]).open(TensorHandle.from_dict(json.loads(sys.argv[1])))
 """
 
@@ -232,7 +232,7 @@ CHILD_RECEIVER = """
 import hashlib, json, sys
 import torch
 import zmq
-from runtime.transfer import ShmTransfer, TensorHandle, ZmqFrameTransfer
+from runtime.cluster.transfer import ShmTransfer, TensorHandle, ZmqFrameTransfer
 shm = ShmTransfer(sys.argv[2]).open(TensorHandle.from_dict(json.loads(sys.argv[1])))
 sock = zmq.Context.instance().socket(zmq.PULL)
 sock.connect(sys.argv[3])

@@ -6,9 +6,9 @@ import pickle
 import pytest
 
 from epdlang.sampling import SamplingParams
-from runtime import wire
+from runtime.cluster import wire
 from runtime.messages import RequestOutput, TokenLogprob
-from runtime.transfer import TensorHandle
+from runtime.cluster.transfer import TensorHandle
 
 
 def test_round_trip_of_nested_messages():

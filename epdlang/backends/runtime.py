@@ -29,7 +29,7 @@ class Runtime(Backend):
     encode_ahead_supported = prefix_sharing_supported = scoring_supported = True
 
     def __init__(self, model: str | Path | None = None, instances: str = "EPD", **engine_overrides: Any) -> None:
-        from runtime.deployment import Deployment
+        from runtime.cluster.deployment import Deployment
 
         if model is None:
             from runtime.tiny_model import ensure_tiny_model

@@ -20,13 +20,13 @@ from typing import Any, AsyncIterator, Sequence
 import zmq
 
 from runtime.config import EngineConfig
-from runtime.instance import InstanceConfig
-from runtime.launcher import Launcher, describe
+from runtime.cluster.instance import InstanceConfig
+from runtime.cluster.launcher import Launcher, describe
 from runtime.messages import GenerateRequest, RequestOutput
 from runtime.preprocess import Processor
-from runtime.router import Router
-from runtime.topology import Topology, parse_topology
-from runtime.transfer import make_transfer, sweep_segments
+from runtime.cluster.router import Router
+from runtime.cluster.topology import Topology, parse_topology
+from runtime.cluster.transfer import make_transfer, sweep_segments
 
 log = logging.getLogger(__name__)
 SUMMED = ("num_waiting_requests", "num_running_requests", "kv_used_pages", "kv_cached_pages",

@@ -1,4 +1,4 @@
-"""One instance process: `python -m runtime.instance CONFIG_JSON`.
+"""One instance process: `python -m runtime.cluster.instance CONFIG_JSON`.
 
 It connects a DEALER socket (identity = instance name) to the router, loads the weights its roles
 need, says `Ready`, then alternates between draining control messages and one engine step. It exits on
@@ -19,13 +19,13 @@ import torch
 import zmq
 
 from epdlang.errors import EpdError
-from runtime import wire
-from runtime.instance_engine import InstanceEngine
-from runtime.transfer import make_transfer
-from runtime.wire import (Abort, Control, ControlReply, Embedding, EncodeJob, Handoff, Outputs, Ready, Rejected,
+from runtime.cluster import wire
+from runtime.cluster.role_engine import InstanceEngine
+from runtime.cluster.transfer import make_transfer
+from runtime.cluster.wire import (Abort, Control, ControlReply, Embedding, EncodeJob, Handoff, Outputs, Ready, Rejected,
                           Shutdown, Submit)
 
-log = logging.getLogger("runtime.instance")
+log = logging.getLogger("runtime.cluster.instance")
 LOAD_INTERVAL_S = 0.02
 
 

@@ -12,8 +12,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from runtime.instance import InstanceConfig
-from runtime.topology import InstanceSpec, Topology
+from runtime.cluster.instance import InstanceConfig
+from runtime.cluster.topology import InstanceSpec, Topology
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS_PER_MINUTE = 5
@@ -43,7 +43,7 @@ class Launcher:
         logfile = open(self.log_dir / f"{name}.log", "ab")
         with logfile:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "runtime.instance", json.dumps(dataclasses.asdict(cfg))],
+                [sys.executable, "-m", "runtime.cluster.instance", json.dumps(dataclasses.asdict(cfg))],
                 stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT, env=env)
 
     def log_tail(self, name: str, chars: int = 2000) -> str:

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from epdlang.errors import InvalidRequest
-from runtime.engine import Engine
+from runtime.engine.core import Engine
 from runtime.messages import GenerateRequest, ImageInput, RequestOutput
-from runtime.request import Req, Status
-from runtime.transfer import TransferBackend
-from runtime.wire import EncodeDone, EncodeJob, Handoff, Load, NeedEncode, WireImage, WireRequest
+from runtime.engine.request import Req, Status
+from runtime.cluster.transfer import TransferBackend
+from runtime.cluster.wire import EncodeDone, EncodeJob, Handoff, Load, NeedEncode, WireImage, WireRequest
 
 log = logging.getLogger(__name__)
 _NO_PIXELS = torch.empty(0)

@@ -19,13 +19,13 @@ from typing import Any, Callable
 import zmq
 
 from epdlang import errors
-from runtime import wire
-from runtime.instance_engine import to_wire
+from runtime.cluster import wire
+from runtime.cluster.role_engine import to_wire
 from runtime.messages import GenerateRequest, RequestOutput
-from runtime.radix_cache import prefix_keys
-from runtime.router_policy import InstanceView, chunk_chain, pick_decode, pick_prefill, plan_encodes_for
-from runtime.transfer import TransferBackend
-from runtime.wire import (Abort, Control, ControlReply, Embedding, EncodeDone, EncodeJob, Handoff, Load,
+from runtime.engine.radix_cache import prefix_keys
+from runtime.cluster.router_policy import InstanceView, chunk_chain, pick_decode, pick_prefill, plan_encodes_for
+from runtime.cluster.transfer import TransferBackend
+from runtime.cluster.wire import (Abort, Control, ControlReply, Embedding, EncodeDone, EncodeJob, Handoff, Load,
                           NeedEncode, Outputs, Ready, Rejected, Shutdown, Submit, WireImage)
 
 log = logging.getLogger(__name__)

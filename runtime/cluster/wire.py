@@ -3,7 +3,7 @@
 Every message is a frozen dataclass encoded with msgspec (msgpack). A zmq message is
 `[kind, payload, *data_frames]`; `kind` picks the type from `MESSAGES`, so a peer can only ever build
 these types: nothing on a socket is unpickled. Tensors never travel inside a payload; they move through
-the data plane (`runtime.transfer`) and a `TensorHandle` names them.
+the data plane (`runtime.cluster.transfer`) and a `TensorHandle` names them.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import msgspec
 
 from epdlang.sampling import SamplingParams
 from runtime.messages import RequestOutput, TokenLogprob
-from runtime.transfer import TensorHandle
+from runtime.cluster.transfer import TensorHandle
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.forward_batch import ForwardBatch, KVPool
-from runtime.page_allocator import PageAllocator
+from runtime.models.forward_batch import ForwardBatch, KVPool
+from runtime.engine.page_allocator import PageAllocator
 
 log = logging.getLogger(__name__)
 

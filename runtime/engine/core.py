@@ -14,18 +14,18 @@ import torch
 
 from epdlang.errors import InvalidRequest, PromptTooLong
 from epdlang.sampling import SamplingParams
-from runtime.calibrate import Budgets, calibrate
+from runtime.engine.calibrate import Budgets, calibrate
 from runtime.config import EngineConfig
-from runtime.detokenizer import IncrementalDetokenizer
-from runtime.encoder_cache import EncoderCache
-from runtime.engine_setup import build_kv, build_kv_manager
+from runtime.engine.detokenizer import IncrementalDetokenizer
+from runtime.engine.encoder_cache import EncoderCache
+from runtime.engine.kv_setup import build_kv, build_kv_manager
 from runtime.messages import GenerateRequest, RequestOutput
-from runtime.model_runner import Chunk, ChunkLogits, ModelRunner
+from runtime.engine.model_runner import Chunk, ChunkLogits, ModelRunner
 from runtime.models import load_model
 from runtime.preprocess import Processor
-from runtime.request import Req, Status
-from runtime.sampler import SamplingState, prompt_logprobs, sample
-from runtime.scheduler import Scheduler
+from runtime.engine.request import Req, Status
+from runtime.engine.sampler import SamplingState, prompt_logprobs, sample
+from runtime.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class Engine:
                              grammar=grammar)
 
     def grammar_compiler(self) -> "GrammarCompiler":
-        from runtime.grammar import GrammarCompiler
+        from runtime.engine.grammar import GrammarCompiler
 
         if self._grammar is None:
             self._grammar = GrammarCompiler(self.processor.tokenizer,

@@ -1,9 +1,9 @@
 """Page ownership for requests: allocation, prefix-cache reuse, release."""
 from __future__ import annotations
 
-from runtime.page_allocator import OutOfPages, PageAllocator
-from runtime.radix_cache import RadixCache, prefix_keys
-from runtime.request import Req
+from runtime.engine.page_allocator import OutOfPages, PageAllocator
+from runtime.engine.radix_cache import RadixCache, prefix_keys
+from runtime.engine.request import Req
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:

@@ -29,7 +29,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
-from runtime.page_allocator import OutOfPages, PageAllocator
+from runtime.engine.page_allocator import OutOfPages, PageAllocator
 
 if TYPE_CHECKING:
     from runtime.messages import ImageInput

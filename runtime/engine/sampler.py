@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from epdlang.sampling import SamplingParams
-from runtime.grammar import GrammarMatcher, apply_grammar_masks
+from runtime.engine.grammar import GrammarMatcher, apply_grammar_masks
 from runtime.messages import TokenLogprob
 
 

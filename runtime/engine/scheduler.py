@@ -5,10 +5,10 @@ import logging
 from dataclasses import dataclass, field
 
 from runtime.config import EngineConfig
-from runtime.encoder_cache import EncoderCache
-from runtime.kv_manager import KVManager
-from runtime.model_runner import Chunk
-from runtime.request import Req, Status
+from runtime.engine.encoder_cache import EncoderCache
+from runtime.engine.kv_manager import KVManager
+from runtime.engine.model_runner import Chunk
+from runtime.engine.request import Req, Status
 
 log = logging.getLogger(__name__)
 

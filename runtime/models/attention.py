@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from runtime.forward_batch import ForwardBatch
+from runtime.models.forward_batch import ForwardBatch
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runtime.attention import AttentionBackend
+from runtime.models.attention import AttentionBackend
 from runtime.models.config import VisionConfig
 from runtime.models.layers import RMSNorm, SwiGLU, activation, apply_rope
 from runtime.models.rope import vision_patch_positions, vision_rope, window_order

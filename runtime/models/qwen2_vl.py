@@ -6,8 +6,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from runtime.attention import get_backend
-from runtime.forward_batch import ForwardBatch, KVPool
+from runtime.models.attention import get_backend
+from runtime.models.forward_batch import ForwardBatch, KVPool
 from runtime.models.config import ModelConfig
 from runtime.models.qwen2_lm import Qwen2LM
 from runtime.models.qwen2_vision import VisionTower

@@ -26,7 +26,7 @@ log = logging.getLogger("epdlang.server")
 
 def load_engine(config: ServerConfig) -> Any:
     """Start the deployment's instances and router (blocking; runs on a worker thread at start-up)."""
-    from runtime.deployment import Deployment
+    from runtime.cluster.deployment import Deployment
 
     return Deployment(config.model_path, config.topology, transfer=config.transfer, **config.engine_overrides)
 

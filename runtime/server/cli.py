@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from runtime.server.config import Limits, ServerConfig
-from runtime.topology import parse_topology
+from runtime.cluster.topology import parse_topology
 
 
 def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.topology import Topology, parse_topology
+from runtime.cluster.topology import Topology, parse_topology
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from epdlang.errors import InvalidRequest, PromptTooLong
 from epdlang.sampling import SamplingParams
-from runtime.deployment import Deployment
+from runtime.cluster.deployment import Deployment
 from runtime.messages import GenerateRequest, ImageInput, RequestOutput, TokenLogprob
 from runtime.preprocess import PreparedPrompt
 from runtime.server.config import ServerConfig
