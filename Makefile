@@ -1,4 +1,4 @@
-# Two entry points: `make serve` (main job) and `make test` (whole suite). Both set up .venv themselves.
+# Two entry points: `make serve` (main job) and `make test` (style check, then the whole suite). Both set up .venv themselves.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,4 +18,5 @@ serve: $(VENV)/.installed
 	$(PY) -m runtime.quickstart
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -7,9 +7,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from offline_kit import image_request, synthetic_image, text_of_tokens, write_result
-
 from epdlang.sampling import SamplingParams
+from offline_kit import image_request, synthetic_image, text_of_tokens, write_result
 from runtime.engine.core import Engine
 from runtime.tiny_model import ensure_tiny_model
 

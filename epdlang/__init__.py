@@ -19,8 +19,21 @@ from typing import Any
 from epdlang.backends.base import Backend
 from epdlang.errors import EpdError, ImageError, InvalidRequest, InvalidSamplingParams, UnknownImage
 from epdlang.function import SglFunction, function, get_default_backend, set_default_backend
-from epdlang.ir import (ProgramError, assistant, assistant_begin, assistant_end, gen, image, select, system,
-                        system_begin, system_end, user, user_begin, user_end)
+from epdlang.ir import (
+    ProgramError,
+    assistant,
+    assistant_begin,
+    assistant_end,
+    gen,
+    image,
+    select,
+    system,
+    system_begin,
+    system_end,
+    user,
+    user_begin,
+    user_end,
+)
 from epdlang.sampling import SamplingParams
 from epdlang.state import ForkGroup, ProgramState
 from epdlang.tracing import Plan, TraceStop

@@ -176,7 +176,7 @@ def image(x: Any) -> Image:
         digest = hashlib.sha256(f"{x.mode}:{x.size}:".encode() + x.tobytes()).hexdigest()
         return Image(x, f"pil:{digest}")
     if isinstance(x, VarRef) or hasattr(x, "__epd_expr__"):
-        raise_untraceable(f"an image from a generated value")
+        raise_untraceable("an image from a generated value")
     raise fail(f"epd.image() got an unknown image type {type(x).__name__}; "
                "use a path, bytes, a PIL image or a URL")
 

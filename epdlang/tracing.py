@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from epdlang.ir import (Expr, Gen, Image, ProgramError, RoleBegin, Select, Text, VarRef, as_expr)
+from epdlang.ir import Expr, Gen, Image, ProgramError, RoleBegin, Select, Text, VarRef, as_expr
 
 
 class TraceStop(Exception):

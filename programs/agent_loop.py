@@ -47,7 +47,8 @@ def agent(s, goal):
 def main(backend: epd.Backend) -> dict:
     state = agent.run(goal="Press the blue button.", backend=backend)
     turns = sorted(k for k in state.variables if k.startswith("call"))
-    return {"calls": [state[k] for k in turns], "cached_tokens": [state.get_meta_info(k)["cached_tokens"] for k in turns]}
+    return {"calls": [state[k] for k in turns],
+            "cached_tokens": [state.get_meta_info(k)["cached_tokens"] for k in turns]}
 
 
 if __name__ == "__main__":

@@ -46,9 +46,9 @@ def _register_bench(subparsers: "argparse._SubParsersAction") -> None:
         sys.path.append(root)
     try:
         from benchmarks.serving.cli import add_bench_parser
-    except ImportError as e:
+    except ImportError as exc:
         p = subparsers.add_parser("bench", help="benchmark a server (needs the repository's benchmarks/)")
-        p.set_defaults(handler=lambda _args: sys.exit(f"epd bench is unavailable: {e}"))
+        p.set_defaults(handler=lambda _args, why=str(exc): sys.exit(f"epd bench is unavailable: {why}"))
         return
     add_bench_parser(subparsers)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from epdlang.sampling import SamplingParams
 from runtime.cluster.deployment import Deployment
-from runtime.messages import GenerateRequest, RequestOutput
 from runtime.cluster.transfer import shm_dir
+from runtime.messages import GenerateRequest, RequestOutput
 
 ENGINE_ARGS = {"page_size": 8, "kv_cache_bytes": 32 << 20}
 

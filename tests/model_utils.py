@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime.models.forward_batch import ForwardBatch, KVPool
 from runtime.engine.page_allocator import PageAllocator
+from runtime.models.forward_batch import ForwardBatch, KVPool
 
 
 @dataclass

@@ -16,6 +16,7 @@ import pytest
 from runtime.server.process import free_port, wait_healthy
 from server_helpers import API_KEY, LIMITS, Server
 
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
     root = tmp_path_factory.mktemp("server")

@@ -11,8 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.serving.arrivals import arrival_times  # noqa: E402
 from benchmarks.serving.client import _Stream  # noqa: E402
-from benchmarks.serving.metrics import (RequestResult, Slo, attainment, goodput, meets_slo,  # noqa: E402
-                                        percentiles, summarize)
+from benchmarks.serving.metrics import RequestResult, Slo, attainment, goodput, meets_slo, percentiles, summarize  # noqa: E402
 
 
 def req(ttft: float, itl: tuple[float, ...], start: float = 0.0, prompt: int = 10) -> RequestResult:

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model_utils import PagedSequences, Step
-from runtime.models.forward_batch import KVPool
 from runtime.models import load_model
+from runtime.models.forward_batch import KVPool
 
 transformers = pytest.importorskip("transformers")
 

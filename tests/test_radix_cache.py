@@ -7,6 +7,7 @@ from radix_helpers import IMG, Img, contents, fill, make
 from runtime.engine.page_allocator import OutOfPages
 from runtime.engine.radix_cache import prefix_keys
 
+
 def test_prefix_keys_maps_placeholders_to_hash_and_index() -> None:
     keys = prefix_keys([1, IMG, IMG, 2, IMG], [Img("a", 2), Img("b", 1)], IMG)
     assert keys == [1, ("a", 0), ("a", 1), 2, ("b", 0)]

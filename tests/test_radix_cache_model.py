@@ -12,6 +12,7 @@ from radix_helpers import contents
 from runtime.engine.page_allocator import OutOfPages, PageAllocator
 from runtime.engine.radix_cache import RadixCache, TreeNode
 
+
 @dataclass
 class Running:
     prefix: tuple  # chunks of the locked prefix

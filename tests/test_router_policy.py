@@ -64,8 +64,8 @@ def test_lru_set_is_bounded():
 
 
 def test_router_keeps_a_session_on_its_instances_until_it_ends():
-    from runtime.messages import GenerateRequest
     from runtime.cluster.router import Flight, Router
+    from runtime.messages import GenerateRequest
 
     router = Router(sock=None, transfer=None, page_size=4, image_token_id=0, reap=list)
     p0, p1 = _view("P0", "PD"), _view("P1", "PD", inflight=9)

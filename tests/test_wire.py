@@ -7,8 +7,8 @@ import pytest
 
 from epdlang.sampling import SamplingParams
 from runtime.cluster import wire
-from runtime.messages import RequestOutput, TokenLogprob
 from runtime.cluster.transfer import TensorHandle
+from runtime.messages import RequestOutput, TokenLogprob
 
 
 def test_round_trip_of_nested_messages():

@@ -124,10 +124,10 @@ def resolve_model(args: argparse.Namespace, url: str) -> str:
 
 def run_system(args: argparse.Namespace, label: str, url: str, requests: list, warmups: list,
                rates: list[float], stamp: str) -> list[RunPoint]:
+    from benchmarks.serving import report
     from benchmarks.serving.arrivals import arrival_times
     from benchmarks.serving.client import Target, run_benchmark
     from benchmarks.serving.metrics import Slo, goodput, summarize
-    from benchmarks.serving import report
 
     target = Target(url, resolve_model(args, url), args.api_key, args.ignore_eos, args.request_timeout)
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)

@@ -18,7 +18,6 @@ from tqdm import tqdm
 from benchmarks.serving.metrics import RequestResult
 from benchmarks.serving.workloads import BenchRequest
 
-
 FAILED_FINISH = ("error", "abort")  # streamed, but the server gave up on the request
 
 

@@ -19,14 +19,14 @@ from typing import Any, AsyncIterator, Sequence
 
 import zmq
 
-from runtime.config import EngineConfig
 from runtime.cluster.instance import InstanceConfig
 from runtime.cluster.launcher import Launcher, describe
-from runtime.messages import GenerateRequest, RequestOutput
-from runtime.preprocess import Processor
 from runtime.cluster.router import Router
 from runtime.cluster.topology import Topology, parse_topology
 from runtime.cluster.transfer import make_transfer, sweep_segments
+from runtime.config import EngineConfig
+from runtime.messages import GenerateRequest, RequestOutput
+from runtime.preprocess import Processor
 
 log = logging.getLogger(__name__)
 SUMMED = ("num_waiting_requests", "num_running_requests", "kv_used_pages", "kv_cached_pages",
@@ -91,7 +91,8 @@ class Deployment:
             if name in self.launcher.failed:
                 lines.append(f"  {name}: {self.launcher.failed[name]}")
             elif name not in self._ready:
-                lines.append(f"  {name}: still loading after {timeout_s:g}s; log tail:\n{self.launcher.log_tail(name, 800)}")
+                tail = self.launcher.log_tail(name, 800)
+                lines.append(f"  {name}: still loading after {timeout_s:g}s; log tail:\n{tail}")
         return "\n".join(lines)
 
     # ---- requests ---------------------------------------------------------------------------------

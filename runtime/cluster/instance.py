@@ -20,10 +20,21 @@ import zmq
 
 from epdlang.errors import EpdError
 from runtime.cluster import wire
-from runtime.cluster.role_engine import InstanceEngine
+from runtime.cluster.role_engine import RoleEngine
 from runtime.cluster.transfer import make_transfer
-from runtime.cluster.wire import (Abort, Control, ControlReply, Embedding, EncodeJob, Handoff, Outputs, Ready, Rejected,
-                          Shutdown, Submit)
+from runtime.cluster.wire import (
+    Abort,
+    Control,
+    ControlReply,
+    Embedding,
+    EncodeJob,
+    Handoff,
+    Outputs,
+    Ready,
+    Rejected,
+    Shutdown,
+    Submit,
+)
 
 log = logging.getLogger("runtime.cluster.instance")
 LOAD_INTERVAL_S = 0.02
@@ -46,7 +57,7 @@ class Instance:
     def __init__(self, cfg: InstanceConfig) -> None:
         self.cfg, self.parent = cfg, os.getppid()
         self.transfer = make_transfer(cfg.transfer, cfg.segment_prefix)
-        self.engine = InstanceEngine(cfg.model, frozenset(cfg.roles), self.transfer, **cfg.engine_overrides)
+        self.engine = RoleEngine(cfg.model, frozenset(cfg.roles), self.transfer, **cfg.engine_overrides)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, cfg.name.encode())
@@ -128,13 +139,11 @@ class Instance:
             self.send(Rejected(msg.req.rid, type(exc).__name__, str(exc)))
 
     def _control(self, msg: Control) -> ControlReply:
-        from runtime.server.metrics import engine_snapshot
-
         try:
             if msg.op == "flush_cache":
                 return ControlReply(msg.call_id, {"ok": self.engine.flush_cache()})
             if msg.op == "snapshot":
-                return ControlReply(msg.call_id, engine_snapshot(self.engine))
+                return ControlReply(msg.call_id, self.engine.snapshot())
             return ControlReply(msg.call_id, {}, error=f"unknown control op {msg.op!r}")
         except Exception as exc:
             return ControlReply(msg.call_id, {}, error=str(exc))

@@ -20,31 +20,25 @@ from typing import Any
 import torch
 
 from epdlang.errors import InvalidRequest
-from runtime.engine.core import Engine
-from runtime.messages import GenerateRequest, ImageInput, RequestOutput
-from runtime.engine.request import Req, Status
 from runtime.cluster.transfer import TransferBackend
-from runtime.cluster.wire import EncodeDone, EncodeJob, Handoff, Load, NeedEncode, WireImage, WireRequest
+from runtime.cluster.wire import (
+    EncodeDone,
+    EncodeJob,
+    Handoff,
+    Load,
+    NeedEncode,
+    WireRequest,
+    from_wire,
+    to_wire,
+)
+from runtime.engine.core import Engine
+from runtime.engine.request import Req, Status
+from runtime.messages import ImageInput, RequestOutput
 
 log = logging.getLogger(__name__)
-_NO_PIXELS = torch.empty(0)
 
 
-def to_wire(msg: GenerateRequest, pixel_handles: dict[str, Any] | None = None) -> WireRequest:
-    handles = pixel_handles or {}
-    images = tuple(WireImage(im.content_hash, tuple(im.grid_thw), im.num_tokens, handles.get(im.content_hash))
-                   for im in msg.images)
-    return WireRequest(msg.rid, tuple(msg.input_ids), images, msg.sampling, msg.priority, msg.session_id)
-
-
-def from_wire(req: WireRequest, pixels: dict[str, torch.Tensor] | None = None) -> GenerateRequest:
-    pixels = pixels or {}
-    images = tuple(ImageInput(im.content_hash, pixels.get(im.content_hash, _NO_PIXELS), tuple(im.grid_thw),
-                              im.num_tokens) for im in req.images)
-    return GenerateRequest(req.rid, tuple(req.input_ids), images, req.sampling, req.priority, req.session_id)
-
-
-class InstanceEngine(Engine):
+class RoleEngine(Engine):
     def __init__(self, model: str | Path, roles: frozenset[str], transfer: TransferBackend, **overrides: Any) -> None:
         lm = bool(roles & {"P", "D"})
         if not lm:

@@ -7,56 +7,34 @@ once, requests that streamed nothing are dispatched again, the rest fail with a 
 from __future__ import annotations
 
 import logging
-import os
-import queue
-import threading
 import time
 from collections import Counter, defaultdict, deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
 
 from epdlang import errors
 from runtime.cluster import wire
-from runtime.cluster.role_engine import to_wire
-from runtime.messages import GenerateRequest, RequestOutput
-from runtime.engine.radix_cache import prefix_keys
-from runtime.cluster.router_policy import InstanceView, chunk_chain, pick_decode, pick_prefill, plan_encodes_for
+from runtime.cluster.router_inbox import Inbox
+from runtime.cluster.router_policy import (
+    EncodeTask,
+    Flight,
+    InstanceView,
+    Sink,
+    chunk_chain,
+    pick_decode,
+    pick_prefill,
+    plan_encodes_for,
+)
 from runtime.cluster.transfer import TransferBackend
-from runtime.cluster.wire import (Abort, Control, ControlReply, Embedding, EncodeDone, EncodeJob, Handoff, Load,
-                          NeedEncode, Outputs, Ready, Rejected, Shutdown, Submit, WireImage)
+from runtime.engine.radix_cache import prefix_keys
+from runtime.messages import GenerateRequest, RequestOutput
 
 log = logging.getLogger(__name__)
-Sink = Callable[[Any], None]  # receives RequestOutput deltas, or one exception
 WAIT_FOR_INSTANCE_S = 60.0
 HANDOFF_WAIT_S = 5.0
 MAX_TRACKED_HANDLES = 4096
-
-
-@dataclass(eq=False)
-class Flight:
-    msg: GenerateRequest
-    sink: Sink
-    chain: list[int]
-    p: str | None = None
-    d: str | None = None
-    handed_off: bool = False
-    streamed: bool = False
-    since: float = field(default_factory=time.monotonic)
-
-    @property
-    def holder(self) -> str | None:
-        """The instance that has the request now (P until the handoff, then D)."""
-        return self.d if self.handed_off else self.p
-
-
-@dataclass
-class EncodeTask:
-    image: Any  # ImageInput with pixels
-    e: str | None
-    rids: set[str] = field(default_factory=set)
 
 
 class Router:
@@ -69,68 +47,42 @@ class Router:
         self.flights: dict[str, Flight] = {}
         self.deferred: deque[str] = deque()
         self.encodes: dict[tuple[str, str | None], EncodeTask] = {}
-        self.pending_handoffs: deque[tuple[Handoff, list, float]] = deque()
+        self.pending_handoffs: deque[tuple[wire.Handoff, list, float]] = deque()
         self.sessions: dict[str, tuple[str, str | None]] = {}
         self.sent_handles: dict[str, deque] = defaultdict(lambda: deque(maxlen=MAX_TRACKED_HANDLES))
         self.controls: dict[int, tuple[Future, set[str], dict]] = {}
-        self.ready_event = None  # set by the deployment: called with each Ready
-        self._commands: queue.Queue = queue.Queue()
-        self._wake_lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        self.ready_event = None  # set by the deployment: called with each wire.Ready
+        self.inbox = Inbox()
         self._next_call = 0
         self.stopping = False
         self.stats: Counter[str] = Counter()  # instance_deaths, retried, failed
 
     # ---- other threads ----------------------------------------------------------------------------
     def post(self, *command: Any) -> None:
-        """Queue a command for the router thread. Once the router has stopped, commands are refused (a
-        submit's sink gets RequestAborted) and the closed wake pipe's fd, maybe reused since, is never touched."""
-        with self._wake_lock:
-            if self._wake_w < 0:
-                _refuse(command)
-                return
-            self._commands.put(command)
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass  # the pipe is full, so the loop is awake anyway
+        """Queue a command for the router thread (refused with RequestAborted once it has stopped)."""
+        self.inbox.post(command)
 
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self.inbox.wake_fd, zmq.POLLIN)
         try:
             while not self.stopping:
                 events = dict(poller.poll(50))
-                if self._wake_r in events:
-                    os.read(self._wake_r, 4096)
-                self._run_commands()
+                self._run_commands(self.inbox.wake_fd in events)
                 while self.sock.poll(0):
                     self._receive()
                 for name in self.reap():
                     self._on_death(name)
                 self._retry_waiting()
         finally:
-            self._close_wake()
+            self.inbox.close()
+            for flight in self.flights.values():  # only left if the loop died: nobody would answer them
+                flight.sink(errors.RequestAborted("the router stopped"))
+            self.flights.clear()
 
-    def _close_wake(self) -> None:
-        with self._wake_lock:
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = -1
-        while not self._commands.empty():
-            _refuse(self._commands.get_nowait())
-        for flight in self.flights.values():  # only left if the loop died: nobody would answer them
-            flight.sink(errors.RequestAborted("the router stopped"))
-        self.flights.clear()
-
-    def _run_commands(self) -> None:
-        while True:
-            try:
-                kind, *args = self._commands.get_nowait()
-            except queue.Empty:
-                return
+    def _run_commands(self, woken: bool) -> None:
+        for kind, *args in self.inbox.drain(woken):
             try:
                 getattr(self, f"_cmd_{kind}")(*args)
             except Exception:
@@ -150,7 +102,7 @@ class Router:
         if flight is None:
             return
         if flight.holder is not None:
-            self._send(flight.holder, Abort(rid))
+            self._send(flight.holder, wire.Abort(rid))
             self._dec_inflight(flight.holder)
         for task in self.encodes.values():
             task.rids.discard(rid)
@@ -165,7 +117,7 @@ class Router:
         self._next_call += 1
         self.controls[self._next_call] = (future, targets, {})
         for name in targets:
-            self._send(name, Control(self._next_call, op))
+            self._send(name, wire.Control(self._next_call, op))
         self._settle_control(self._next_call)
 
     def _cmd_end_session(self, session_id: str) -> None:
@@ -173,7 +125,7 @@ class Router:
 
     def _cmd_stop(self) -> None:
         for name in list(self.views):
-            self._send(name, Shutdown())
+            self._send(name, wire.Shutdown())
         for flight in self.flights.values():
             flight.sink(errors.RequestAborted("the deployment is shutting down"))
         self.flights.clear()
@@ -219,7 +171,7 @@ class Router:
                 handles[image.content_hash] = handle
                 frames += data
                 self._track(p.name, handle)
-        self._send(p.name, Submit(to_wire(flight.msg, handles), incoming), frames)
+        self._send(p.name, wire.Submit(wire.to_wire(flight.msg, handles), incoming), frames)
         flight.p, flight.d, flight.handed_off = p.name, (p.name if "D" in p.roles else None), False
         p.inflight += 1
         for h in flight.chain:
@@ -233,8 +185,8 @@ class Router:
             return
         handle, frames = self.transfer.export(image.pixel_values)
         self._track(e.name, handle)
-        wimage = WireImage(image.content_hash, tuple(image.grid_thw), image.num_tokens, handle)
-        self._send(e.name, EncodeJob(wimage, dest), frames)
+        wimage = wire.WireImage(image.content_hash, tuple(image.grid_thw), image.num_tokens, handle)
+        self._send(e.name, wire.EncodeJob(wimage, dest), frames)
         task.e = e.name
         e.encode_tokens += image.num_tokens
         e.images.add(image.content_hash)  # it will have it: later jobs for this image go there too
@@ -251,7 +203,7 @@ class Router:
                 self._dispatch(rid)
         for _ in range(len(self.pending_handoffs)):
             self._route_handoff(*self.pending_handoffs.popleft())
-        for (h, dest), task in list(self.encodes.items()):
+        for (_, dest), task in list(self.encodes.items()):
             if task.e is None and self._ready("E"):
                 self._encode(task.image, dest, None, plan_encodes_for([task.image], self._ready("E"))[0][1])
 
@@ -265,19 +217,19 @@ class Router:
         except Exception:
             log.exception("bad message from %s", name)
 
-    def _on_ready(self, name: str, msg: Ready, data: list) -> None:
+    def _on_ready(self, name: str, msg: wire.Ready, data: list) -> None:
         self.views[name] = InstanceView(name, self.roles[name])
         log.info("instance %s ready (pid %d)", name, msg.pid)
         if self.ready_event is not None:
             self.ready_event(name)
 
-    def _on_load(self, name: str, msg: Load, data: list) -> None:
+    def _on_load(self, name: str, msg: wire.Load, data: list) -> None:
         view = self.views.get(name)
         if view is not None:
             view.free_pages, view.total_pages = msg.free_pages, msg.total_pages
             view.waiting, view.running = msg.waiting, msg.running
 
-    def _on_outputs(self, name: str, msg: Outputs, data: list) -> None:
+    def _on_outputs(self, name: str, msg: wire.Outputs, data: list) -> None:
         for out in msg.outputs:
             flight = self.flights.get(out.rid)
             if flight is None or name not in (flight.p, flight.d):
@@ -287,7 +239,7 @@ class Router:
                 self._finish(out.rid, name)
             flight.sink(out)
 
-    def _on_rejected(self, name: str, msg: Rejected, data: list) -> None:
+    def _on_rejected(self, name: str, msg: wire.Rejected, data: list) -> None:
         cls = getattr(errors, msg.kind, None)
         exc_type = cls if isinstance(cls, type) and issubclass(cls, errors.EpdError) else errors.EpdError
         flight = self.flights.pop(msg.rid, None)
@@ -295,7 +247,7 @@ class Router:
             self._dec_inflight(name)
             flight.sink(exc_type(msg.message))
 
-    def _on_handoff(self, name: str, msg: Handoff, data: list) -> None:
+    def _on_handoff(self, name: str, msg: wire.Handoff, data: list) -> None:
         flight = self.flights.get(msg.req.rid)
         if flight is None or flight.p != name:
             self.transfer.release(msg.kv)
@@ -304,7 +256,7 @@ class Router:
         flight.handed_off = True
         self._route_handoff(msg, data, time.monotonic())
 
-    def _route_handoff(self, msg: Handoff, data: list, since: float) -> None:
+    def _route_handoff(self, msg: wire.Handoff, data: list, since: float) -> None:
         flight = self.flights.get(msg.req.rid)
         if flight is None:
             self.transfer.release(msg.kv)
@@ -324,7 +276,7 @@ class Router:
         flight.d = d.name
         d.inflight += 1
 
-    def _on_encodedone(self, name: str, msg: EncodeDone, data: list) -> None:
+    def _on_encodedone(self, name: str, msg: wire.EncodeDone, data: list) -> None:
         task = self.encodes.pop((msg.content_hash, msg.dest), None)
         view = self.views.get(name)
         if view is not None:
@@ -341,10 +293,10 @@ class Router:
             self.transfer.release(msg.embeds)
             return
         self._track(dest.name, msg.embeds)
-        self._send(dest.name, Embedding(msg.content_hash, msg.embeds), data)
+        self._send(dest.name, wire.Embedding(msg.content_hash, msg.embeds), data)
         dest.images.add(msg.content_hash)
 
-    def _on_needencode(self, name: str, msg: NeedEncode, data: list) -> None:
+    def _on_needencode(self, name: str, msg: wire.NeedEncode, data: list) -> None:
         flight = self.flights.get(msg.rid)
         if flight is None:
             return
@@ -357,7 +309,7 @@ class Router:
         for image in images:  # no E ready: the task waits in `encodes` for one
             self.encodes.setdefault((image.content_hash, name), EncodeTask(image, None)).rids.add(msg.rid)
 
-    def _on_controlreply(self, name: str, msg: ControlReply, data: list) -> None:
+    def _on_controlreply(self, name: str, msg: wire.ControlReply, data: list) -> None:
         entry = self.controls.get(msg.call_id)
         if entry is not None:
             entry[1].discard(name)
@@ -382,7 +334,7 @@ class Router:
         if flight is None:
             return
         if flight.holder in self.views:
-            self._send(flight.holder, Abort(rid))
+            self._send(flight.holder, wire.Abort(rid))
             self._dec_inflight(flight.holder)
         flight.sink(RequestOutput(rid=rid, finished=True, finish_reason="error", error=reason))
 
@@ -416,7 +368,7 @@ class Router:
             return
         self.stats["retried"] += 1
         if flight.holder not in (None, dead):
-            self._send(flight.holder, Abort(rid))
+            self._send(flight.holder, wire.Abort(rid))
             self._dec_inflight(flight.holder)
         flight.p = flight.d = None
         flight.since = time.monotonic()
@@ -432,12 +384,3 @@ class Router:
     def _track(self, name: str, handle: Any) -> None:
         self.sent_handles[name].append(handle)
 
-
-def _refuse(command: tuple) -> None:
-    """Answer a command that arrived after the router stopped, so that no caller waits for it forever."""
-    kind, *args = command
-    gone = errors.RequestAborted("the deployment is shut down")
-    if kind == "submit":
-        args[1](gone)
-    elif kind == "control" and not args[1].done():
-        args[1].set_exception(gone)

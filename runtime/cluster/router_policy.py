@@ -1,4 +1,5 @@
-"""The router's choices, as pure logic: which E encodes an image, which P prefills, which D decodes.
+"""The router's records (a request in flight, an encode task, its view of an instance) and its choices, as
+pure logic: which E encodes an image, which P prefills, which D decodes.
 
 The router cannot see inside instances, so it keeps an approximate view built from what it sent them:
 - per P/D instance, the page-sized prompt chunks it has seen (chained hashes, so a chunk matches only
@@ -8,12 +9,40 @@ Views may be stale (instances evict); a wrong guess costs a recompute or a `Need
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
+
+from runtime.messages import GenerateRequest
 
 MAX_CHUNKS_PER_INSTANCE = 1 << 16
 MAX_HASHES_PER_INSTANCE = 1 << 14
+Sink = Callable[[Any], None]  # receives RequestOutput deltas, or one exception
+
+
+@dataclass(eq=False)
+class Flight:
+    msg: GenerateRequest
+    sink: Sink
+    chain: list[int]
+    p: str | None = None
+    d: str | None = None
+    handed_off: bool = False
+    streamed: bool = False
+    since: float = field(default_factory=time.monotonic)
+
+    @property
+    def holder(self) -> str | None:
+        """The instance that has the request now (P until the handoff, then D)."""
+        return self.d if self.handed_off else self.p
+
+
+@dataclass
+class EncodeTask:
+    image: Any  # ImageInput with pixels
+    e: str | None
+    rids: set[str] = field(default_factory=set)
 
 
 def chunk_chain(keys: Sequence, page_size: int) -> list[int]:

@@ -101,7 +101,7 @@ class TransferBackend(ABC):
     def release(self, handle: TensorHandle) -> None:
         """The receiver will never open `handle`: free its memory. Idempotent; an unknown handle is fine."""
 
-    def seal(self, handle: TensorHandle) -> None:
+    def seal(self, handle: TensorHandle) -> None:  # noqa: B027 (a no-op unless the backend maps memory)
         """The sender has finished filling the tensor of `handle`."""
 
     def export(self, tensor: torch.Tensor) -> tuple[TensorHandle, list[Frame]]:

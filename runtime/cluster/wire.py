@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import torch
 
 from epdlang.sampling import SamplingParams
-from runtime.messages import RequestOutput, TokenLogprob
 from runtime.cluster.transfer import TensorHandle
+from runtime.messages import GenerateRequest, ImageInput, RequestOutput, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,23 @@ class WireRequest:
     sampling: SamplingParams = SamplingParams()
     priority: int = 0
     session_id: str | None = None
+
+
+_NO_PIXELS = torch.empty(0)
+
+
+def to_wire(msg: GenerateRequest, pixel_handles: dict[str, Any] | None = None) -> WireRequest:
+    handles = pixel_handles or {}
+    images = tuple(WireImage(im.content_hash, tuple(im.grid_thw), im.num_tokens, handles.get(im.content_hash))
+                   for im in msg.images)
+    return WireRequest(msg.rid, tuple(msg.input_ids), images, msg.sampling, msg.priority, msg.session_id)
+
+
+def from_wire(req: WireRequest, pixels: dict[str, torch.Tensor] | None = None) -> GenerateRequest:
+    pixels = pixels or {}
+    images = tuple(ImageInput(im.content_hash, pixels.get(im.content_hash, _NO_PIXELS), tuple(im.grid_thw),
+                              im.num_tokens) for im in req.images)
+    return GenerateRequest(req.rid, tuple(req.input_ids), images, req.sampling, req.priority, req.session_id)
 
 
 # ---- router -> instance -----------------------------------------------------------------------

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.models.forward_batch import ForwardBatch, KVPool
 from runtime.engine.page_allocator import PageAllocator
+from runtime.models.forward_batch import ForwardBatch, KVPool
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ def calibrate(model, kv: KVPool, allocator: PageAllocator, target_ms: float, def
     budgets = Budgets(max_running, chunk, defaults.encode_token_budget)
     if model.visual is not None:
         enc = {t: _encode_ms(model, t) for t in ENCODE_TOKENS}
-        budgets = Budgets(max_running, chunk, max((t for t, ms in enc.items() if ms <= target_ms), default=ENCODE_TOKENS[0]))
+        fitting = max((t for t, ms in enc.items() if ms <= target_ms), default=ENCODE_TOKENS[0])
+        budgets = Budgets(max_running, chunk, fitting)
         log.info("encode ms by image tokens: %s", _fmt(enc))
     log.info("decode ms by batch (context %d): %s", CONTEXT, _fmt(decode))
     log.info("prefill ms by tokens: %s", _fmt(prefill))

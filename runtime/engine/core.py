@@ -4,28 +4,31 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
 from epdlang.errors import InvalidRequest, PromptTooLong
 from epdlang.sampling import SamplingParams
-from runtime.engine.calibrate import Budgets, calibrate
 from runtime.config import EngineConfig
+from runtime.engine.calibrate import Budgets, calibrate
 from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.engine.encoder_cache import EncoderCache
 from runtime.engine.kv_setup import build_kv, build_kv_manager
-from runtime.messages import GenerateRequest, RequestOutput
 from runtime.engine.model_runner import Chunk, ChunkLogits, ModelRunner
-from runtime.models import load_model
-from runtime.preprocess import Processor
 from runtime.engine.request import Req, Status
 from runtime.engine.sampler import SamplingState, prompt_logprobs, sample
 from runtime.engine.scheduler import Scheduler
+from runtime.messages import GenerateRequest, RequestOutput
+from runtime.models import load_model
+from runtime.preprocess import Processor
+
+if TYPE_CHECKING:
+    from runtime.engine.grammar import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +309,22 @@ class Engine:
                 if out.rid in acc:
                     acc[out.rid].append(out)
         return [_merge(rid, acc[rid]) for rid in rids]
+
+    def snapshot(self) -> dict[str, float]:
+        """Queue depth, KV and cache figures, and the stats counters (call it on the engine's thread)."""
+        kv, sched, enc = self.kv, self.scheduler, self.encoder_cache
+        used, total = kv.used_pages(), kv.total_pages
+        radix = getattr(kv, "cache", None)  # None without a prefix cache
+        cached = radix.cached_pages if radix is not None else 0
+        lookups = enc.hits + enc.misses
+        return {
+            "num_waiting_requests": len(sched.waiting), "num_running_requests": len(sched.running),
+            "kv_used_pages": used, "kv_cached_pages": cached, "kv_request_pages": used - cached,
+            "kv_total_pages": total, "kv_usage": used / total if total else 0.0,
+            "encoder_cache_hit_rate": enc.hits / lookups if lookups else 0.0,
+            **({"prefix_cache_hit_rate": radix.hit_rate} if radix is not None else {}),
+            "num_preemptions": sched.num_preemptions, "num_requests_in_engine": len(self.reqs),
+        } | {f"stats_{k}": v for k, v in self.stats.items()}
 
     def check_integrity(self) -> None:
         self.kv.check_integrity(self.scheduler.requests())

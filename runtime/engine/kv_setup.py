@@ -6,9 +6,9 @@ import logging
 import torch
 
 from runtime.config import EngineConfig
-from runtime.models.forward_batch import KVPool
 from runtime.engine.kv_manager import KVManager, RadixKVManager
 from runtime.engine.page_allocator import PageAllocator
+from runtime.models.forward_batch import KVPool
 
 log = logging.getLogger(__name__)
 

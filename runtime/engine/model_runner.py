@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.models.forward_batch import ForwardBatch, KVPool
 from runtime.engine.request import Req
+from runtime.models.forward_batch import ForwardBatch, KVPool
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.models.attention import AttentionBackend, AttnPlan
-from runtime.models.forward_batch import ForwardBatch, KVPool
 from runtime.models.config import TextConfig
+from runtime.models.forward_batch import ForwardBatch, KVPool
 from runtime.models.layers import MergedLinear, RMSNorm, SwiGLU, apply_rope
 from runtime.models.rope import MRope
 

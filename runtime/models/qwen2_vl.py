@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from runtime.models.attention import get_backend
-from runtime.models.forward_batch import ForwardBatch, KVPool
 from runtime.models.config import ModelConfig
+from runtime.models.forward_batch import ForwardBatch, KVPool
 from runtime.models.qwen2_lm import Qwen2LM
 from runtime.models.qwen2_vision import VisionTower
 from runtime.models.rope import rope_positions

@@ -4,14 +4,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from runtime.server.config import Limits, ServerConfig
 from runtime.cluster.topology import parse_topology
+from runtime.server.config import Limits, ServerConfig
 
 
 def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p = subparsers.add_parser("serve", help="serve a model over HTTP (OpenAI and SGLang APIs)")
     p.add_argument("model", help="model directory, or 'tiny' for the cached tiny random checkpoint")
-    p.add_argument("--instances", default="EPD", help="topology: EPD, E,PD, EP,D, ED,P, E,P,D, 2E,P,D, ... or a YAML file")
+    p.add_argument("--instances", default="EPD",
+                   help="topology: EPD, E,PD, EP,D, ED,P, E,P,D, 2E,P,D, ... or a YAML file")
     p.add_argument("--transfer", choices=("shm", "zmq"), default="shm",
                    help="data plane between instances: shared memory, or raw zmq frames")
     p.add_argument("--host", default="127.0.0.1")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -98,28 +97,6 @@ ENGINE_GAUGES = {
     "encoder_cache_hit_rate": "Encoder-output cache hits / lookups",
     "num_preemptions": "Requests preempted so far",
 }
-
-
-def engine_snapshot(engine: Any) -> dict[str, float]:
-    """Queue depth, KV and cache figures. Run it on the engine thread (an instance answers the `snapshot` control op with it)."""
-    kv, sched, enc = engine.kv, engine.scheduler, engine.encoder_cache
-    used, total = kv.used_pages(), kv.total_pages
-    radix = getattr(kv, "cache", None)  # None without a prefix cache
-    cached = radix.cached_pages if radix is not None else 0
-    lookups = enc.hits + enc.misses
-    return {
-        "num_waiting_requests": len(sched.waiting),
-        "num_running_requests": len(sched.running),
-        "kv_used_pages": used,
-        "kv_cached_pages": cached,
-        "kv_request_pages": used - cached,
-        "kv_total_pages": total,
-        "kv_usage": used / total if total else 0.0,
-        "encoder_cache_hit_rate": enc.hits / lookups if lookups else 0.0,
-        **({"prefix_cache_hit_rate": radix.hit_rate} if radix is not None else {}),
-        "num_preemptions": sched.num_preemptions,
-        "num_requests_in_engine": len(engine.reqs),
-    } | {f"stats_{k}": v for k, v in engine.stats.items()}
 
 
 class AccessLogMiddleware:

@@ -8,10 +8,18 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from runtime.server.errors import ApiError, from_exception, error_body
-from runtime.server.openai_protocol import (ChatCompletionRequest, CompletionRequest, chat_choice,
-                                            chat_logprobs, completion_choice, completion_logprobs,
-                                            envelope, token_ids_of, usage)
+from runtime.server.errors import ApiError, error_body, from_exception
+from runtime.server.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_choice,
+    chat_logprobs,
+    completion_choice,
+    completion_logprobs,
+    envelope,
+    token_ids_of,
+    usage,
+)
 from runtime.server.serving import Accum, EngineStream, Frontend, collect, guarded, merged, token_texts
 from runtime.server.sse import DONE, EventStream, event
 

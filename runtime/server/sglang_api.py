@@ -11,10 +11,16 @@ from starlette.responses import Response
 
 from runtime.server.errors import error_body, from_exception
 from runtime.server.openai_api import frontend, parse
-from runtime.server.serving import (EngineStream, Frontend, check_logprob_start, collect, guarded, merged,
-                                    token_texts)
-from runtime.server.sglang_protocol import (DEFAULT_MAX_NEW_TOKENS, GenerateReqInput, LogprobOptions,
-                                            SglSampling, TokenizeReqInput, logprob_ids, output)
+from runtime.server.serving import EngineStream, Frontend, check_logprob_start, collect, guarded, merged, token_texts
+from runtime.server.sglang_protocol import (
+    DEFAULT_MAX_NEW_TOKENS,
+    GenerateReqInput,
+    LogprobOptions,
+    SglSampling,
+    TokenizeReqInput,
+    logprob_ids,
+    output,
+)
 from runtime.server.sse import DONE, EventStream, event
 
 router = APIRouter()
