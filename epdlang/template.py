@@ -9,11 +9,19 @@ from epdlang.ir import Expr, Image, RoleBegin, RoleEnd, Text
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """Role markers as text. The default is ChatML with Qwen2-VL's vision markers."""
+    """Role markers as text, matching a model family's chat template. The default is ChatML with
+    Qwen2-VL's vision markers; `per_role` holds (role, begin, end) where a role differs from the pattern."""
 
     role_begin: str = "<|im_start|>{role}\n"
     role_end: str = "<|im_end|>\n"
     image: str = "<|vision_start|><|image_pad|><|vision_end|>"
+    per_role: tuple[tuple[str, str, str], ...] = ()
+
+    def begin(self, role: str) -> str:
+        return next((b for r, b, _ in self.per_role if r == role), self.role_begin.format(role=role))
+
+    def end(self, role: str) -> str:
+        return next((e for r, _, e in self.per_role if r == role), self.role_end.format(role=role))
 
     def render(self, pieces: Sequence[Expr]) -> tuple[str, list[Image]]:
         """The prompt text (one image marker per image) and the images in order."""
@@ -25,13 +33,22 @@ class ChatTemplate:
                 out.append(self.image)
                 images.append(p)
             elif isinstance(p, RoleBegin):
-                out.append(self.role_begin.format(role=p.role))
+                out.append(self.begin(p.role))
             elif isinstance(p, RoleEnd):
-                out.append(self.role_end.format(role=p.role))
+                out.append(self.end(p.role))
         return "".join(out), images
 
 
 QWEN2_VL = ChatTemplate()
+# LLaVA-1.5: "USER: <image>\nWhat is it? ASSISTANT: answer</s>" (a system turn is bare text and a newline).
+LLAVA = ChatTemplate(image="<image>\n", per_role=(("system", "", "\n"), ("user", "USER: ", " "),
+                                                  ("assistant", "ASSISTANT:", "</s>")))
+TEMPLATES = {"qwen2_vl": QWEN2_VL, "qwen2_5_vl": QWEN2_VL, "llava": LLAVA}  # by config.json model_type
+
+
+def template_for(model_type: str) -> ChatTemplate:
+    """The DSL's markers for a model family (ChatML for an unknown one)."""
+    return TEMPLATES.get(model_type, QWEN2_VL)
 
 
 def to_messages(pieces: Sequence[Expr], image_part=lambda img: {"type": "image"}) -> list[dict[str, Any]]:

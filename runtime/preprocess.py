@@ -1,8 +1,10 @@
 """Request front end: chat template, tokenization, image decode/hash/patchify, placeholder expansion.
 
-It uses the model dir's tokenizer and image processor directly (not Qwen2VLProcessor, which needs
-torchvision). The result is a `PreparedPrompt` whose image pads are already expanded, ready for a
-`GenerateRequest`.
+It uses the model dir's tokenizer and image processor directly (not Qwen2VLProcessor or LlavaProcessor,
+which need torchvision), and takes everything model-specific from the model's config object
+(`runtime.models.read_config`): the image token id, and the tokens per image (fixed for LLaVA's CLIP
+tower; from the patch grid for Qwen2-VL's dynamic resolution). The result is a `PreparedPrompt` whose
+image placeholders are already expanded, ready for a `GenerateRequest`.
 """
 from __future__ import annotations
 
@@ -49,19 +51,28 @@ class Processor:
     def __init__(self, model_dir: str | Path, *, max_pixels: int | None = None) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer
 
+        from runtime.models import read_config
+
         self.model_dir = Path(model_dir)
+        self.model_config = read_config(self.model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
-        self.image_processor = AutoImageProcessor.from_pretrained(self.model_dir, **kwargs)
+        self.tokens_per_image: int | None = self.model_config.tokens_per_image  # None: by the image's size
+        kwargs = {} if max_pixels is None or self.tokens_per_image else {"max_pixels": max_pixels}
+        # PIL-based processors: no torchvision is needed (nor installed on CPU machines).
+        self.image_processor = AutoImageProcessor.from_pretrained(self.model_dir, backend="pil", **kwargs)
         config = _read_json(self.model_dir / "config.json")
         text_config = config.get("text_config", config)
-        self.vocab_size: int = text_config["vocab_size"]
-        self.image_token_id: int = config["image_token_id"]
-        self.vision_start_id: int = config["vision_start_token_id"]
-        self.vision_end_id: int = config["vision_end_token_id"]
+        self.model_type: str = config.get("model_type", "")
+        self.vocab_size: int = self.model_config.vocab_size
+        self.image_token_id: int = self.model_config.image_token_id
+        self.vision_start_id: int | None = config.get("vision_start_token_id")
+        self.vision_end_id: int | None = config.get("vision_end_token_id")
         generation = _read_json(self.model_dir / "generation_config.json")
         eos = _as_tuple(generation.get("eos_token_id")) + _as_tuple(text_config.get("eos_token_id"))
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
+        if self.tokens_per_image:  # a fixed-size tower: every image is resized to the same patch grid
+            self.merge_size, self.max_image_tokens = 1, self.tokens_per_image
+            return
         self.merge_size: int = self.image_processor.merge_size
         self.max_pixels: int = self.image_processor.size["longest_edge"]
         patch = self.image_processor.patch_size * self.merge_size
@@ -92,8 +103,7 @@ class Processor:
             out = self.image_processor(images=[img], return_tensors="pt")
         except ValueError as e:  # e.g. an aspect ratio beyond 200:1
             raise ImageError(f"image {img.size[0]}x{img.size[1]} cannot be processed: {e}") from e
-        grid = tuple(int(v) for v in out["image_grid_thw"][0])
-        num_tokens = grid[0] * grid[1] * grid[2] // self.merge_size**2
+        grid, num_tokens = self._grid(out)
         if num_tokens > self.max_image_tokens:
             raise ImageError(f"image needs {num_tokens} tokens, more than the limit {self.max_image_tokens}")
         return ImageInput(
@@ -102,6 +112,15 @@ class Processor:
             grid_thw=grid,
             num_tokens=num_tokens,
         )
+
+    def _grid(self, out: Any) -> tuple[tuple[int, int, int], int]:
+        """The image's patch grid (frames, rows, columns) and its placeholder-token count."""
+        if self.tokens_per_image:
+            patch = self.model_config.patch_size
+            h, w = out["pixel_values"].shape[-2:]
+            return (1, h // patch, w // patch), self.tokens_per_image
+        grid = tuple(int(v) for v in out["image_grid_thw"][0])
+        return grid, grid[0] * grid[1] * grid[2] // self.merge_size**2
 
     def image_input(self, x: ImageLike | ImageInput) -> ImageInput:
         return x if isinstance(x, ImageInput) else self.process_image(self.load_image(x))
@@ -119,7 +138,7 @@ class Processor:
     ) -> PreparedPrompt:
         """Build expanded token ids and image inputs from exactly one of messages, prompt or input_ids.
 
-        With `prompt` or `input_ids`, `images` pairs in order with the `<|image_pad|>` tokens (one per
+        With `prompt` or `input_ids`, `images` pairs in order with the image placeholder tokens (one per
         image, or already expanded to each image's `num_tokens`). Messages carry their own images.
         """
         given = [name for name, v in (("messages", messages), ("prompt", prompt), ("input_ids", input_ids))

@@ -1,4 +1,5 @@
-"""Offline, deterministic random-weight Qwen2-VL checkpoints in Hugging Face format.
+"""Offline, deterministic random-weight checkpoints in Hugging Face format: Qwen2-VL (the default) and
+LLaVA-1.5 (`arch="llava"`: CLIP ViT tower, MLP projector, Llama LM).
 
 The tests and the default demo use these: no model hub is needed at any point. The tokenizer is a
 byte-level BPE trained on Python's own stdlib sources, so it is local and reproducible too.
@@ -26,6 +27,8 @@ SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
+LLAVA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<image>", "<pad>")
+ARCHES = ("qwen2_vl", "llava")
 BPE_VOCAB_SIZE = 8000
 CORPUS_MAX_BYTES = 1_500_000
 INITIALIZER_RANGE = 0.1
@@ -54,6 +57,31 @@ CHAT_TEMPLATE = r"""{%- if messages[0]['role'] != 'system' -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
 {{- '<|im_start|>assistant\n' -}}
+{%- endif -%}"""
+
+
+# LLaVA-1.5's layout (images where they appear in the content, as `<image>` and a newline):
+#   [system text\n]USER: <image>\nWhat is it? ASSISTANT: answer</s>USER: ... ASSISTANT:
+LLAVA_CHAT_TEMPLATE = r"""{%- for message in messages -%}
+{%- if message['role'] == 'system' -%}{%- set begin, end = '', '\n' -%}
+{%- elif message['role'] == 'assistant' -%}{%- set begin, end = 'ASSISTANT:', '</s>' -%}
+{%- else -%}{%- set begin, end = 'USER: ', ' ' -%}{%- endif -%}
+{{- begin -}}
+{%- if message['content'] is string -%}
+{{- message['content'] -}}
+{%- elif message['content'] is not none -%}
+{%- for part in message['content'] -%}
+{%- if part['type'] == 'text' -%}
+{{- part['text'] -}}
+{%- elif part['type'] in ('image', 'image_url') -%}
+{{- '<image>\n' -}}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{{- end -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- 'ASSISTANT:' -}}
 {%- endif -%}"""
 
 
@@ -105,8 +133,9 @@ def _serial_tokenizers() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
-def build_tokenizer():
-    """Train a byte-level BPE on stdlib sources and wrap it as a Qwen2 tokenizer with Qwen2-VL's specials."""
+def build_tokenizer(arch: str = "qwen2_vl"):
+    """Train a byte-level BPE on stdlib sources and wrap it as a fast tokenizer with the arch's specials
+    (Qwen2-VL's ChatML ones, or LLaVA's `<s>`, `</s>`, `<image>`) and its chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -123,8 +152,15 @@ def build_tokenizer():
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     # Specials go after the BPE vocab in a fixed order, as in Qwen2-VL, so their ids are predictable.
+    specials = LLAVA_SPECIAL_TOKENS if arch == "llava" else SPECIAL_TOKENS
     vocab = dict(state["vocab"])
-    vocab.update({token: len(state["vocab"]) + i for i, token in enumerate(SPECIAL_TOKENS)})
+    vocab.update({token: len(state["vocab"]) + i for i, token in enumerate(specials)})
+    if arch == "llava":
+        tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>", model_max_length=4096)
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+        return tokenizer
     tokenizer = Qwen2Tokenizer(
         vocab=vocab, merges=merges, eos_token="<|im_end|>", model_max_length=32768
     )
@@ -199,35 +235,70 @@ def preprocessor_config() -> dict:
     }
 
 
+def build_llava_config(size: str, tokenizer):
+    """A LlavaConfig (CLIP ViT at 224², 16² patches → 256 image tokens; Llama LM) matching `tokenizer`."""
+    from transformers import LlavaConfig
+
+    s = SIZES[size]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
+    text = dict(
+        model_type="llama", vocab_size=_padded_vocab(len(tokenizer)), hidden_size=s.hidden,
+        intermediate_size=s.intermediate, num_hidden_layers=s.layers, num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads, max_position_embeddings=4096, initializer_range=INITIALIZER_RANGE,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=ids["<s>"],
+        eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"], tie_word_embeddings=False,
+    )
+    vision = dict(
+        model_type="clip_vision_model", hidden_size=s.vision_dim, intermediate_size=4 * s.vision_dim,
+        num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads, image_size=224, patch_size=14,
+        projection_dim=s.vision_dim, initializer_range=INITIALIZER_RANGE,
+    )
+    return LlavaConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<image>"], projector_hidden_act="gelu",
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=256,
+        tie_word_embeddings=False, pad_token_id=ids["<pad>"],
+    )
+
+
+def clip_preprocessor_config() -> dict:
+    """CLIP's image processor settings at 224² (loads as CLIPImageProcessorPil without torchvision)."""
+    return {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 224},
+        "do_center_crop": True, "crop_size": {"height": 224, "width": 224}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 3,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def build_tiny_model(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight Qwen2-VL checkpoint (config, fp32 safetensors, tokenizer, image processor).
+def build_tiny_model(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0, arch: str = "qwen2_vl") -> Path:
+    """Write a random-weight checkpoint (config, fp32 safetensors, tokenizer, image processor).
 
-    Deterministic: the same size and seed give byte-identical files.
+    Deterministic: the same arch, size and seed give byte-identical files.
     """
     import torch
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers import GenerationConfig, LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    if size not in SIZES or arch not in ARCHES:
+        raise ValueError(f"unknown size {size!r} or arch {arch!r}; choose from {sorted(SIZES)} and {ARCHES}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    config = build_config(size, tokenizer)
+    tokenizer = build_tokenizer(arch)
+    llava = arch == "llava"
+    config = build_llava_config(size, tokenizer) if llava else build_config(size, tokenizer)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id,
-        eos_token_id=[config.text_config.eos_token_id, config.text_config.pad_token_id],
-        pad_token_id=config.text_config.pad_token_id,
-        do_sample=False,
-    )
+    cls = LlavaForConditionalGeneration if llava else Qwen2VLForConditionalGeneration
+    model = cls(config).to(torch.float32).eval()
+    text = config.text_config
+    eos = [text.eos_token_id] if llava else [text.eos_token_id, text.pad_token_id]
+    model.generation_config = GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=eos,
+                                               pad_token_id=text.pad_token_id, do_sample=False)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    _write_json(out / "preprocessor_config.json", preprocessor_config())
+    _write_json(out / "preprocessor_config.json", clip_preprocessor_config() if llava else preprocessor_config())
     return out
 
 
@@ -235,15 +306,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("EPD_CACHE_DIR") or "~/.cache/epdlang").expanduser()
 
 
-def ensure_tiny_model(size: str = "tiny", seed: int = 0) -> Path:
-    """Return the cached checkpoint dir for (size, seed), building it once. Safe if processes race."""
-    final = cache_root() / "models" / f"{size}-seed{seed}-{FORMAT_VERSION}"
+def ensure_tiny_model(size: str = "tiny", seed: int = 0, arch: str = "qwen2_vl") -> Path:
+    """Return the cached checkpoint dir for (arch, size, seed), building it once. Safe if processes race."""
+    name = f"{size}-seed{seed}-{FORMAT_VERSION}" if arch == "qwen2_vl" else f"{arch}-{size}-seed{seed}-{FORMAT_VERSION}"
+    final = cache_root() / "models" / name
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        build_tiny_model(tmp, size=size, seed=seed)
+        build_tiny_model(tmp, size=size, seed=seed, arch=arch)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
         os.rename(tmp, final)
     except OSError:

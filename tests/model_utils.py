@@ -1,6 +1,7 @@
 """Builds ForwardBatches over a KVPool for tests: pages per sequence, block tables, slots."""
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -74,3 +75,16 @@ class PagedSequences:
             pages = self.seqs[i].pages
             table[row, :len(pages)] = torch.tensor(pages, dtype=torch.long)
         return table
+
+
+def new_pool(model, num_pages: int = 64, page_size: int = 1, dtype=None) -> KVPool:
+    """An empty KV pool shaped for `model`."""
+    c = model.config
+    return KVPool(c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim, dtype or c.dtype)
+
+
+def shuffled_pages(num_pages: int, seed: int = 0) -> Callable[[int], list[int]]:
+    """An allocator over shuffled page ids, so block tables are never contiguous."""
+    free = list(range(num_pages))
+    random.Random(seed).shuffle(free)
+    return lambda n: [free.pop() for _ in range(n)]

@@ -1,4 +1,5 @@
-"""Reference inputs for transformers' Qwen2VLForConditionalGeneration, to compare our engine against it."""
+"""Reference inputs for transformers' Qwen2VLForConditionalGeneration and LlavaForConditionalGeneration, to
+compare our engine against them."""
 from __future__ import annotations
 
 import torch
@@ -7,11 +8,13 @@ from runtime.preprocess import PreparedPrompt, Processor
 
 
 def reference_inputs(processor: Processor, prepared: PreparedPrompt) -> dict[str, torch.Tensor]:
-    """kwargs for `Qwen2VLForConditionalGeneration.forward/generate` on one prepared prompt (batch of 1)."""
+    """kwargs for the model's `forward/generate` on one prepared prompt (batch of 1)."""
     input_ids = torch.tensor([prepared.input_ids], dtype=torch.long)
     kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     if prepared.images:
         kwargs["pixel_values"] = torch.cat([img.pixel_values for img in prepared.images])
+        if processor.tokens_per_image:  # LLaVA: fixed-size images [N, 3, H, W], 1-D positions
+            return kwargs
         kwargs["image_grid_thw"] = torch.tensor([img.grid_thw for img in prepared.images], dtype=torch.long)
         # transformers 5 needs the modality of each token to build M-RoPE positions (0 text, 1 image).
         kwargs["mm_token_type_ids"] = (input_ids == processor.image_token_id).int()

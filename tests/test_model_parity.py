@@ -9,9 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_utils import PagedSequences, Step
+from model_utils import PagedSequences, Step, new_pool, shuffled_pages
 from runtime.models import load_model
-from runtime.models.forward_batch import KVPool
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,16 +87,8 @@ def hf_logits(hf, ids: list[int], grids=(), pixels=None) -> torch.Tensor:
     return hf(input_ids=input_ids, **kw).logits[0]
 
 
-def new_pool(model, num_pages: int = 64, page_size: int = 1, dtype=None) -> KVPool:
-    c = model.config
-    return KVPool(c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim, dtype or c.dtype)
 
 
-def shuffled_pages(num_pages: int, seed: int = 0):
-    """An allocator over shuffled page ids, so block tables are never contiguous."""
-    free = list(range(num_pages))
-    random.Random(seed).shuffle(free)
-    return lambda n: [free.pop() for _ in range(n)]
 
 
 def prefill_all(model, ids, grids=(), pixels=None, page_size=1, num_pages=512):

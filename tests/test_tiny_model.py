@@ -108,7 +108,7 @@ def test_text_greedy_output_is_varied(processor, hf_model):
 def test_ensure_tiny_model_builds_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     calls = []
 
-    def fake_build(out_dir, size="tiny", seed=0):
+    def fake_build(out_dir, size="tiny", seed=0, arch="qwen2_vl"):
         calls.append((size, seed))
         (Path(out_dir) / "config.json").write_text("{}")
         return Path(out_dir)
@@ -125,7 +125,7 @@ def test_ensure_tiny_model_builds_once(tmp_path: Path, monkeypatch: pytest.Monke
 def test_ensure_tiny_model_loses_race_gracefully(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     final = tmp_path / "models" / "tiny-seed0-v1"
 
-    def racing_build(out_dir, size="tiny", seed=0):
+    def racing_build(out_dir, size="tiny", seed=0, arch="qwen2_vl"):
         (Path(out_dir) / "config.json").write_text("{}")
         final.mkdir()  # another process finished first
         (final / "config.json").write_text('{"winner": true}')

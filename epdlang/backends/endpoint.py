@@ -26,6 +26,7 @@ from epdlang.backends.base import Backend, OnText, image_url, pick_choice
 from epdlang.errors import EpdError, ImageError, InvalidRequest, UnknownImage
 from epdlang.ir import Expr, Image
 from epdlang.sampling import SamplingParams
+from epdlang.template import template_for
 
 log = logging.getLogger(__name__)
 MAX_KNOWN_IMAGES = 4096
@@ -55,6 +56,7 @@ class RuntimeEndpoint(Backend):
         self._timeout = httpx.Timeout(timeout, connect=10.0)
         self._sync = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=self._timeout)
         self.max_images = max(1, int(info["epd"]["max_images"]))  # per upload request
+        self.chat_template = template_for(str(info["epd"].get("model_type", "")))
         self._known: OrderedDict[str, Uploaded] = OrderedDict()
         self._inflight: dict[str, asyncio.Future] = {}
         self._clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}

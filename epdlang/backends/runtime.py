@@ -13,13 +13,14 @@ from epdlang.backends.base import Backend, OnText, pick_choice
 from epdlang.errors import EpdError
 from epdlang.ir import Expr, Image
 from epdlang.sampling import SamplingParams
+from epdlang.template import template_for
 
 log = logging.getLogger(__name__)
 MAX_CACHED_IMAGES = 256
 
 
 class Runtime(Backend):
-    """Starts a local runtime for `model` (default: the embedded tiny Qwen2-VL checkpoint).
+    """Starts a local runtime for `model` (default: the embedded tiny Qwen2-VL checkpoint; any served family).
 
     `instances` is a topology spec (`EPD`, `E,PD`, `E,P,D`, `2E,P,D`, ... or a YAML file): every instance
     is its own process behind the router, exactly as `epd serve` runs them. Engine config overrides
@@ -37,6 +38,7 @@ class Runtime(Backend):
             model = ensure_tiny_model()
         self.deployment = Deployment(model, instances, **engine_overrides)
         self.processor = self.deployment.processor
+        self.chat_template = template_for(self.processor.model_type)
         self._images: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 

@@ -128,7 +128,8 @@ class Instance:
     def _open_pixels(self, images, data: list) -> dict[str, torch.Tensor]:
         sent = list({im.content_hash: im for im in images if im.pixels is not None}.values())
         frames = wire.split_frames([im.pixels for im in sent], data)
-        return {im.content_hash: self.transfer.open(im.pixels, f, shape=(None, None)) for im, f in zip(sent, frames)}
+        shape = self.engine.model.pixel_shape()  # the model's pixel layout: patches, or fixed-size images
+        return {im.content_hash: self.transfer.open(im.pixels, f, shape=shape) for im, f in zip(sent, frames)}
 
     def _adopt(self, msg: Handoff, data: list) -> None:
         n = len(msg.req.input_ids)

@@ -68,10 +68,7 @@ def _lm_ms(model, kv: KVPool, allocator: PageAllocator, lengths: list[int], exte
 
 
 def _encode_ms(model, tokens: int) -> float:
-    side = max(1, int(tokens ** 0.5))  # merged tokens per side; the tower sees 2x2 patches per token
-    grid = torch.tensor([[1, 2 * side, 2 * side]])
-    dim = model.config.vision.patch_dim
-    pixels = torch.zeros(4 * side * side, dim, dtype=model.dtype)
+    pixels, grid = model.dummy_image(tokens)  # the model knows its pixel layout (patches, or a fixed size)
     with torch.inference_mode():
         return _time(lambda: model.encode(pixels, grid), repeats=2)
 

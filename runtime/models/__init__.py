@@ -12,13 +12,15 @@ from pathlib import Path
 import torch
 
 from runtime.models.config import ModelConfig, model_config_from_hf
+from runtime.models.llava import LlavaForConditionalGeneration
 from runtime.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from runtime.models.weights import iter_weights, load_weights
 
 MODEL_REGISTRY: dict[str, type] = {
     "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
-}
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+}  # each class names its checkpoint key layout in `checkpoint_prefixes`
 
 
 def read_config(path: str | Path, dtype: torch.dtype = torch.float32) -> ModelConfig:
@@ -39,10 +41,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
     config = read_config(path, dtype)
     if config.architecture not in MODEL_REGISTRY:
         raise ValueError(f"unsupported architecture {config.architecture!r}; known: {sorted(MODEL_REGISTRY)}")
-    model = MODEL_REGISTRY[config.architecture](config, load_vision, load_lm, device, attn_backend)
-    prefixes = ("visual.",) * load_vision + ("lm.",) * load_lm
+    cls = MODEL_REGISTRY[config.architecture]
+    model = cls(config, load_vision, load_lm, device, attn_backend)
+    wanted = ("visual.",) * load_vision + ("lm.",) * load_lm
     skip = ("lm.lm_head.weight",) if config.text.tie_word_embeddings else ()
-    load_weights(model, iter_weights(Path(path), prefixes), skip)
+    load_weights(model, iter_weights(Path(path), wanted, cls.checkpoint_prefixes), skip)
     return model.eval()
 
 

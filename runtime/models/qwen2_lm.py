@@ -1,4 +1,8 @@
-"""The Qwen2 decoder (shared by Qwen2-VL and Qwen2.5-VL) over a paged KV pool."""
+"""The Qwen2 decoder (shared by Qwen2-VL and Qwen2.5-VL) over a paged KV pool.
+
+LLaVA's Llama LM is the same decoder: only the projection biases differ (TextConfig flags), and its
+1-D RoPE is M-RoPE with every frequency on one axis (`mrope_section = (head_dim // 2, 0, 0)`).
+"""
 from __future__ import annotations
 
 import torch
@@ -17,8 +21,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(cfg.hidden_size, [q, kv, kv], bias=True)
-        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.qkv_proj = MergedLinear(cfg.hidden_size, [q, kv, kv], bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, kv: KVPool,
                 out_slots: torch.Tensor, backend: AttentionBackend, plan: AttnPlan) -> torch.Tensor:
@@ -41,7 +45,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.self_attn = Attention(cfg)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=cfg.mlp_bias)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

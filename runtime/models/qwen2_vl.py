@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from runtime.models.forward_batch import ForwardBatch, KVPool
 from runtime.models.qwen2_lm import Qwen2LM
 from runtime.models.qwen2_vision import VisionTower
 from runtime.models.rope import rope_positions
-from runtime.models.weights import materialize
+from runtime.models.weights import QWEN2_VL_PREFIXES, Prefixes, materialize
 
 
 class Qwen2VLForConditionalGeneration(nn.Module):
@@ -20,6 +21,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
     Built with meta parameters, then `materialize`d on the target device; the loader fills them.
     """
+
+    checkpoint_prefixes: ClassVar[Prefixes] = QWEN2_VL_PREFIXES
 
     def __init__(self, config: ModelConfig, with_vision: bool = True, with_lm: bool = True,
                  device: torch.device | str = "cpu", attn_backend: str = "auto") -> None:
@@ -53,6 +56,17 @@ class Qwen2VLForConditionalGeneration(nn.Module):
                        image_grid_thw: Sequence[Sequence[int]] = ()) -> tuple[torch.Tensor, int]:
         """M-RoPE positions `[3, L]` for a whole prompt and the decode delta (position = index + delta)."""
         return rope_positions(input_ids, image_grid_thw, self.config.image_token_id, self.config.spatial_merge_size)
+
+    def pixel_shape(self) -> tuple[None, None]:
+        """The layout of one image's `pixel_values` (None: any size): `[patches, patch_dim]`."""
+        return (None, None)
+
+    def dummy_image(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero patches and grid of one square image of about `num_tokens` merged tokens, for timing `encode`."""
+        merge = self.config.spatial_merge_size
+        side = max(1, int(num_tokens ** 0.5))  # merged tokens per side; the tower sees merge x merge patches each
+        pixels = torch.zeros(merge * merge * side * side, self.config.vision.patch_dim, dtype=self.dtype)
+        return pixels, torch.tensor([[1, merge * side, merge * side]])
 
     @torch.inference_mode()
     def prefill(self, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:

@@ -20,16 +20,30 @@ FUSED = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
 }
-PREFIXES = (  # checkpoint prefix -> canonical prefix; first match wins
+Prefixes = tuple[tuple[str, str], ...]  # (checkpoint prefix, canonical prefix); first match wins
+
+QWEN2_VL_PREFIXES: Prefixes = (
     ("model.language_model.", "lm."), ("model.visual.", "visual."), ("visual.", "visual."),
     ("lm_head.", "lm.lm_head."), ("model.", "lm."), ("language_model.model.", "lm."),
     ("language_model.lm_head.", "lm.lm_head."),
 )
+PREFIXES = QWEN2_VL_PREFIXES  # the default table
+# LLaVA: transformers 5 in memory (`model.*`, `lm_head.*`) and llava-hf on disk (`language_model.*`,
+# `vision_tower.vision_model.*`, `multi_modal_projector.*`; transformers 5 saves the tower without `vision_model.`).
+# The CLIP tower and the projector both live under `visual.`, so an encoder-only load reads just them.
+_TOWER, _PROJECTOR = "visual.vision_tower.", "visual.multi_modal_projector."
+LLAVA_PREFIXES: Prefixes = (
+    ("model.language_model.", "lm."), ("language_model.model.", "lm."),
+    ("language_model.lm_head.", "lm.lm_head."), ("lm_head.", "lm.lm_head."),
+    ("model.vision_tower.vision_model.", _TOWER), ("model.vision_tower.", _TOWER),
+    ("vision_tower.vision_model.", _TOWER), ("vision_tower.", _TOWER),
+    ("model.multi_modal_projector.", _PROJECTOR), ("multi_modal_projector.", _PROJECTOR),
+)
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def canonical_name(key: str) -> str | None:
-    for src, dst in PREFIXES:
+def canonical_name(key: str, prefixes: Prefixes = PREFIXES) -> str | None:
+    for src, dst in prefixes:
         if key.startswith(src):
             return dst + key[len(src):]
     return None
@@ -47,12 +61,13 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_weights(path: Path, wanted_prefixes: tuple[str, ...]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(path: Path, wanted_prefixes: tuple[str, ...],
+                 prefixes: Prefixes = PREFIXES) -> Iterator[tuple[str, torch.Tensor]]:
     """(canonical name, tensor) for every checkpoint tensor under one of `wanted_prefixes`."""
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                name = canonical_name(key)
+                name = canonical_name(key, prefixes)
                 if name is not None and name.startswith(wanted_prefixes):
                     yield name, f.get_tensor(key)
 

@@ -7,10 +7,12 @@ from pathlib import Path
 from runtime.cluster.topology import parse_topology
 from runtime.server.config import Limits, ServerConfig
 
+TINY_ALIASES = {"tiny": "qwen2_vl", "tiny-llava": "llava"}  # the cached embedded checkpoints
+
 
 def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p = subparsers.add_parser("serve", help="serve a model over HTTP (OpenAI and SGLang APIs)")
-    p.add_argument("model", help="model directory, or 'tiny' for the cached tiny random checkpoint")
+    p.add_argument("model", help="model directory, or 'tiny' / 'tiny-llava' for a cached tiny random checkpoint")
     p.add_argument("--instances", default="EPD",
                    help="topology: EPD, E,PD, EP,D, ED,P, E,P,D, 2E,P,D, ... or a YAML file")
     p.add_argument("--transfer", choices=("shm", "zmq"), default="shm",
@@ -49,10 +51,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     except ValueError as exc:
         raise SystemExit(f"--instances {args.instances!r}: {exc}") from None
     model = args.model
-    if model == "tiny":
+    if model in TINY_ALIASES:
         from runtime.tiny_model import ensure_tiny_model
 
-        model = str(ensure_tiny_model("tiny"))
+        model = str(ensure_tiny_model("tiny", arch=TINY_ALIASES[model]))
     overrides = {"kv_cache_bytes": args.kv_cache_mb and args.kv_cache_mb << 20,
                  "max_model_len": args.max_model_len,
                  "json_whitespace_flexible": args.json_whitespace_flexible or None}

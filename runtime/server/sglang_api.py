@@ -28,10 +28,11 @@ router = APIRouter()
 
 def _model_info(request: Request) -> dict:
     cfg = request.app.state.config
+    processor = frontend(request).processor
     return {"model_path": cfg.model_path, "tokenizer_path": cfg.model_path, "is_generation": True,
             "preferred_sampling_params": None, "weight_version": "default", "has_image_understanding": True,
-            "has_audio_understanding": False, "model_type": "qwen2_vl",
-            "architectures": ["Qwen2VLForConditionalGeneration"]}
+            "has_audio_understanding": False, "model_type": processor.model_type,
+            "architectures": [processor.model_config.architecture]}
 
 
 @router.get("/get_model_info")
@@ -49,7 +50,8 @@ async def server_info(request: Request) -> dict:
     fe = frontend(request)
     cfg = request.app.state.config
     snapshot = await fe.deployment.snapshot()
-    epd = fe.images.info() | {"max_images": fe.limits.max_images}  # what epd.RuntimeEndpoint needs to know
+    epd = fe.images.info() | {"max_images": fe.limits.max_images,  # what epd.RuntimeEndpoint needs to know
+                               "model_type": fe.processor.model_type}
     return {"model_path": cfg.model_path, "served_model_name": cfg.served_model_name,
             "engine": snapshot, "epd": epd, "version": "epdlang"}
 
