@@ -7,13 +7,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from runtime.models.attention import AttentionBackend, get_backend
+from runtime.models.attention import AttentionBackend
+from runtime.models.base import VisionLanguageModel
 from runtime.models.clip_vision import ClipVisionTower
 from runtime.models.config import ClipVisionConfig, ModelConfig
-from runtime.models.forward_batch import ForwardBatch, KVPool
 from runtime.models.layers import activation
-from runtime.models.qwen2_lm import Qwen2LM
-from runtime.models.weights import LLAVA_PREFIXES, Prefixes, materialize
+from runtime.models.weights import LLAVA_PREFIXES, Prefixes
 
 
 class MultiModalProjector(nn.Module):
@@ -46,48 +45,29 @@ class LlavaVision(nn.Module):
         return self.multi_modal_projector(features)
 
 
-class LlavaForConditionalGeneration(nn.Module):
+class LlavaForConditionalGeneration(VisionLanguageModel):
     """LLaVA-1.5: vision tower + projector (`.visual`) and/or the Llama LM (`.lm`), as this instance was built.
 
     Same interface as Qwen2VLForConditionalGeneration. Differences the engine sees: every image is
     `vision.image_size` square and yields `config.tokens_per_image` embeddings; positions are 1-D
     (all three rows of `[3, L]` equal, decode delta 0). The LM is our Qwen2 decoder configured as
-    Llama (no q/k/v bias, plain RoPE). Built with meta parameters, then `materialize`d; the loader fills them.
+    Llama (no q/k/v bias, plain RoPE).
     """
 
     checkpoint_prefixes: ClassVar[Prefixes] = LLAVA_PREFIXES
 
-    def __init__(self, config: ModelConfig, with_vision: bool = True, with_lm: bool = True,
-                 device: torch.device | str = "cpu", attn_backend: str = "auto") -> None:
-        super().__init__()
+    def build_visual(self, config: ModelConfig) -> nn.Module:
         if not isinstance(config.vision, ClipVisionConfig):
             raise TypeError("LlavaForConditionalGeneration needs a LLaVA ModelConfig (a ClipVisionConfig vision part)")
-        self.config = config
-        with torch.device("meta"):
-            self.visual = LlavaVision(config.vision) if with_vision else None
-            self.lm = Qwen2LM(config.text) if with_lm else None
-        materialize(self, config.dtype, device)
-        if self.lm is not None:
-            self.lm.setup(torch.device(device))
-        self.backend = get_backend(attn_backend, device, config.dtype)
-        self.requires_grad_(False)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.config.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return LlavaVision(config.vision)
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         """pixel_values `[N, C, S, S]` (CLIP-processed), grid_thw `[N, 3]` of `(1, S / patch, S / patch)`:
         one `[tokens_per_image, hidden]` tensor per image."""
-        if self.visual is None:
-            raise RuntimeError("this instance was loaded without the vision tower")
+        visual = self._require_visual()
         self._check_images(pixel_values, torch.as_tensor(grid_thw).reshape(-1, 3))
-        return list(self.visual(pixel_values, self.backend).unbind(0))
+        return list(visual(pixel_values, self.backend).unbind(0))
 
     def _check_images(self, pixels: torch.Tensor, grids: torch.Tensor) -> None:
         v = self.config.vision
@@ -119,18 +99,3 @@ class LlavaForConditionalGeneration(nn.Module):
         v = self.config.vision
         pixels = torch.zeros(1, v.num_channels, v.image_size, v.image_size, dtype=self.dtype)
         return pixels, torch.tensor([[1, v.grid_side, v.grid_side]])
-
-    @torch.inference_mode()
-    def prefill(self, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
-        """Ragged prefill (each sequence may continue cached KV); fp32 logits of `batch.logits_indices`."""
-        return self._lm(batch, kv)
-
-    @torch.inference_mode()
-    def decode(self, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
-        """One new token per sequence; fp32 logits `[B, vocab]` for the rows in `batch.logits_indices`."""
-        return self._lm(batch, kv)
-
-    def _lm(self, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
-        if self.lm is None:
-            raise RuntimeError("this instance was loaded without the language model")
-        return self.lm(batch, kv, self.config.image_token_id, self.backend)
