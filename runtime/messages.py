@@ -15,9 +15,9 @@ class ImageInput:
     """One preprocessed image. `content_hash` keys the encoder cache and the radix tree."""
 
     content_hash: str  # hex sha256 of the decoded RGB pixels plus size
-    pixel_values: "torch.Tensor"  # [num_patches, C * temporal_patch * patch * patch], as the HF processor returns
-    grid_thw: tuple[int, int, int]
-    num_tokens: int  # placeholder tokens in the prompt: t * h * w // merge_size**2
+    pixel_values: "torch.Tensor"  # as the checkpoint's image processor returns it (layout: model.pixel_shape())
+    grid_thw: tuple[int, int, int]  # the patch grid: frames, rows, columns
+    num_tokens: int  # placeholder tokens in the prompt (Qwen2-VL: t * h * w // merge**2; LLaVA: fixed)
 
 
 @dataclass(frozen=True)
