@@ -35,6 +35,17 @@ class RequestAborted(EpdError):
     code = "request_aborted"
 
 
+class Overloaded(EpdError):
+    """The server's waiting queue is full: retry after `retry_after_s` seconds (HTTP 503 + Retry-After)."""
+
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class UnknownImage(InvalidRequest):
     """An `epd-image:` id the server does not hold (never uploaded, or evicted): upload the image again."""
 

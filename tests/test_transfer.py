@@ -103,6 +103,35 @@ def test_shm_mapping_lives_exactly_as_long_as_the_tensor(prefix):
     assert handle.name not in maps.read_text()
 
 
+def test_kept_tensors_hold_no_file_descriptors(prefix):
+    """A receiver keeps embeddings for its encoder cache: mappings must not pin one fd each (a P instance
+    ran out of fds under a soak run when they did)."""
+    transfer = ShmTransfer(prefix)
+    fds = len(os.listdir("/proc/self/fd"))
+    sent, kept = [], []
+    for i in range(64):
+        handle, tensor = transfer.allocate(torch.float32, (4, 8))
+        tensor.fill_(i)
+        transfer.seal(handle)
+        sent.append(tensor)
+        kept.append(transfer.open(handle, dtype=torch.float32, shape=(None, 8)))
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert [int(t[0, 0]) for t in kept] == list(range(64)) and not segments(prefix)
+
+
+def test_claim_refuses_a_symlink(prefix, tmp_path):
+    transfer = ShmTransfer(prefix)
+    handle, _ = transfer.allocate(torch.float32, (2,))
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"\0" * 8)
+    path = Path(shm_dir()) / handle.name
+    path.unlink()
+    path.symlink_to(target)
+    with pytest.raises(TransferError, match="regular file"):
+        transfer.open(handle)
+    assert target.exists() and not path.exists() and not segments(prefix)
+
+
 def test_seal_while_sender_still_holds_its_tensor(prefix):
     transfer = ShmTransfer(prefix)
     handle, out = transfer.allocate(torch.float32, (16,))

@@ -39,7 +39,8 @@ class DeploymentError(RuntimeError):
 
 class Deployment:
     def __init__(self, model: str | Path, instances: str | Topology = "EPD", *, transfer: str = "shm",
-                 ready_timeout_s: float = 300.0, **engine_overrides: Any) -> None:
+                 ready_timeout_s: float = 300.0, max_waiting_requests: int | None = None,
+                 **engine_overrides: Any) -> None:
         self.model_path = str(model)
         self.topology = instances if isinstance(instances, Topology) else parse_topology(instances)
         self.processor = Processor(model)
@@ -60,6 +61,7 @@ class Deployment:
         self.router = Router(self._sock, make_transfer(transfer, self.segment_prefix), page_size,
                              self.processor.image_token_id, self.launcher.reap)
         self.router.roles = {spec.name: spec.roles for spec in self.topology.instances}
+        self.router.max_waiting = max_waiting_requests
         self._ready: set[str] = set()
         self._all_ready = threading.Event()
         self.router.ready_event = self._on_ready
@@ -137,6 +139,10 @@ class Deployment:
         results = await self.control("flush_cache")
         return all(r.get("ok", False) for r in results.values())
 
+    async def integrity(self) -> dict[str, dict]:
+        """Each instance's page accounting and cache invariants (`Engine.integrity`)."""
+        return await self.control("integrity")
+
     async def snapshot(self) -> dict[str, Any]:
         """Engine figures summed over instances, plus each instance's own figures and router view."""
         return self._aggregate(await self.control("snapshot"))
@@ -156,7 +162,9 @@ class Deployment:
         views = {v.name: {"inflight": v.inflight, "encode_tokens": v.encode_tokens, "free_pages": v.free_pages}
                  for v in list(self.router.views.values())}
         total |= {f"router_{k}": v for k, v in self.router.stats.items()}
-        total["instances"] = {name: {**describe(spec), **per.get(name, {}), **views.get(name, {})}
+        pids = self.launcher.pids()
+        total["instances"] = {name: {**describe(spec), **per.get(name, {}), **views.get(name, {}),
+                                     "pid": pids.get(name), "ready": name in self.router.views}
                               for name, spec in self.launcher.specs.items()}
         return total
 

@@ -145,6 +145,8 @@ class Instance:
                 return ControlReply(msg.call_id, {"ok": self.engine.flush_cache()})
             if msg.op == "snapshot":
                 return ControlReply(msg.call_id, self.engine.snapshot())
+            if msg.op == "integrity":
+                return ControlReply(msg.call_id, self.engine.integrity())
             return ControlReply(msg.call_id, {}, error=f"unknown control op {msg.op!r}")
         except Exception as exc:
             return ControlReply(msg.call_id, {}, error=str(exc))

@@ -42,6 +42,7 @@ class Router:
                  reap: Callable[[], list[str]]) -> None:
         self.sock, self.transfer, self.reap = sock, transfer, reap
         self.page_size, self.image_token_id = page_size, image_token_id
+        self.max_waiting: int | None = None  # requests without a first token yet; beyond it, Overloaded
         self.views: dict[str, InstanceView] = {}
         self.roles: dict[str, frozenset[str]] = {}
         self.flights: dict[str, Flight] = {}
@@ -93,9 +94,17 @@ class Router:
         if msg.rid in self.flights:
             sink(errors.InvalidRequest(f"request id {msg.rid!r} is already in flight"))
             return
+        if self.max_waiting is not None and self.num_waiting() >= self.max_waiting:
+            self.stats["refused_overloaded"] += 1
+            sink(errors.Overloaded(f"{self.max_waiting} requests are already waiting for their first token"))
+            return
         keys = prefix_keys(msg.input_ids, msg.images, self.image_token_id)
         self.flights[msg.rid] = Flight(msg, sink, chunk_chain(keys, self.page_size))
         self._dispatch(msg.rid)
+
+    def num_waiting(self) -> int:
+        """Requests admitted that have not streamed a token yet (queued for encode or prefill)."""
+        return sum(not f.streamed for f in self.flights.values())
 
     def _cmd_abort(self, rid: str) -> None:
         flight = self.flights.pop(rid, None)

@@ -8,12 +8,11 @@ them as a raw frame next to the control message (any host, one copy at most). GP
 from __future__ import annotations
 
 import math
-import mmap
 import os
+import stat
 import tempfile
 import threading
 import uuid
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -185,9 +184,11 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 class ShmTransfer(TransferBackend):
     """Same host: each tensor is a file `{prefix}-{uuid}` in /dev/shm, mapped by sender and receiver.
 
-    The mapping is reached only through a memoryview held by the tensor, so it is unmapped exactly when
-    the last tensor over it dies (`mmap.close()` refuses while the view exists; closing under a tensor
-    made straight from the mmap would leave it dangling).
+    Both ends map the file with `torch.from_file`, which keeps no file descriptor: the mapping lives as
+    long as the tensor's storage, and a receiver that keeps thousands of embeddings (its encoder cache)
+    holds no fd for them (an `mmap.mmap` keeps a dup'd fd per mapping, so P instances ran out of fds).
+    The receiver claims a segment by renaming it (atomic: one receiver wins), checks it, maps it and
+    unlinks the name; the pages go when the last tensor over them dies.
     """
 
     name = "shm"
@@ -196,7 +197,6 @@ class ShmTransfer(TransferBackend):
         _check_prefix(prefix)
         self.prefix = prefix
         self.directory = shm_dir()
-        self._maps: weakref.WeakValueDictionary[str, mmap.mmap] = weakref.WeakValueDictionary()
 
     def _path(self, handle: TensorHandle) -> str:
         name = handle.name
@@ -210,61 +210,53 @@ class ShmTransfer(TransferBackend):
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | _NOFOLLOW, 0o600)
         try:
             _reserve(fd, handle.nbytes)
-            mm = mmap.mmap(fd, handle.nbytes) if handle.nbytes else None
         except OSError as e:
             os.unlink(path)
             raise TransferError(f"cannot allocate {handle.nbytes} bytes in {self.directory}: {e}") from e
         finally:
             os.close(fd)
-        if mm is None:
-            return handle, torch.empty(handle.shape, dtype=dtype)
-        self._maps[handle.name] = mm
-        return handle, _tensor_over(memoryview(mm), dtype, handle.shape)
-
-    def seal(self, handle: TensorHandle) -> None:
-        mm = self._maps.pop(handle.name, None)
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass  # the sender still holds its tensor; the map goes when that tensor does
+        return handle, _map(path, dtype, tuple(handle.shape), handle.nbytes)
 
     def frames(self, handle: TensorHandle) -> list[Frame]:
         return []
 
     def open(self, handle: TensorHandle, frames: Sequence[Frame] = (), *,
              dtype: torch.dtype | None = None, shape: ShapePattern | None = None) -> torch.Tensor:
-        fd = _claim(self._path(handle))
-        try:  # the segment is ours now: any failure frees it with the fd
+        path = _claim(self._path(handle))
+        try:  # the segment is ours now: any failure frees it with the name
             torch_dtype, dims = _validate(handle, self.name, dtype, shape)
-            _check_size(os.fstat(fd).st_size, handle)
-            mm = mmap.mmap(fd, handle.nbytes) if handle.nbytes else None
+            _check_size(os.lstat(path).st_size, handle)
+            return _map(path, torch_dtype, dims, handle.nbytes)
         finally:
-            os.close(fd)
-        if mm is None:
-            return torch.empty(dims, dtype=torch_dtype)
-        return _tensor_over(memoryview(mm), torch_dtype, dims)
+            os.unlink(path)
 
     def release(self, handle: TensorHandle) -> None:
-        self.seal(handle)
         try:
             os.unlink(self._path(handle))
         except FileNotFoundError:
             pass
 
 
-def _claim(path: str) -> int:
-    """Open and unlink a segment: from then on only our fd (and mappings made from it) keep it alive."""
+def _map(path: str, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> torch.Tensor:
+    """A tensor over the file's pages (shared mapping, no fd kept)."""
+    if not nbytes:
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def _claim(path: str) -> str:
+    """Rename a segment to a name only this receiver knows; from then on it is ours alone. Refuses
+    anything but a regular file of our own user (a planted symlink or another user's file)."""
+    claimed = f"{path}.claimed-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        fd = os.open(path, os.O_RDWR | _NOFOLLOW)
+        os.rename(path, claimed)
     except FileNotFoundError:
         raise TransferError(f"shm segment {path} is gone (already opened, released or swept)") from None
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        os.close(fd)
-        raise TransferError(f"shm segment {path} was opened by another receiver at the same time") from None
-    return fd
+    st = os.lstat(claimed)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+        os.unlink(claimed)
+        raise TransferError(f"shm segment {path} is not a regular file of this user")
+    return claimed
 
 
 def _reserve(fd: int, nbytes: int) -> None:

@@ -329,6 +329,20 @@ class Engine:
     def check_integrity(self) -> None:
         self.kv.check_integrity(self.scheduler.requests())
 
+    def integrity(self) -> dict[str, Any]:
+        """Page accounting (free + cached + in use = total) and whether the cache invariants hold."""
+        radix = getattr(self.kv, "cache", None)
+        cached = radix.cached_pages if radix is not None else 0
+        free, total = self.kv.allocator.num_free, self.kv.total_pages
+        in_use = sum(len(r.pages) - r.num_shared_pages for r in self.scheduler.requests())
+        error = None if free + cached + in_use == total else f"{free} + {cached} + {in_use} != {total} pages"
+        try:
+            self.check_integrity()
+        except AssertionError as exc:
+            error = error or str(exc) or "integrity check failed"
+        return {"ok": error is None, "error": error, "free": free, "cached": cached, "in_use": in_use,
+                "total": total, "requests": len(self.reqs)}
+
 
 def _done(fn) -> Future:
     future: Future = Future()

@@ -28,7 +28,8 @@ def load_engine(config: ServerConfig) -> Any:
     """Start the deployment's instances and router (blocking; runs on a worker thread at start-up)."""
     from runtime.cluster.deployment import Deployment
 
-    return Deployment(config.model_path, config.topology, transfer=config.transfer, **config.engine_overrides)
+    return Deployment(config.model_path, config.topology, transfer=config.transfer,
+                      max_waiting_requests=config.max_waiting_requests, **config.engine_overrides)
 
 
 def create_app(config: ServerConfig, engine_factory=load_engine) -> FastAPI:

@@ -37,8 +37,12 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--fetch-timeout", type=float, default=d.fetch_timeout_s, help="seconds per image download")
     p.add_argument("--graceful-shutdown", type=float, default=30.0, help="seconds to drain requests on exit")
     p.add_argument("--kv-cache-mb", type=int, default=None, help="KV pool size (engine default if unset)")
+    p.add_argument("--encoder-cache-mb", type=int, default=None,
+                   help="image-embedding cache per instance, LRU (engine default 256 if unset)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads in all (split over the instances)")
+    p.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="requests waiting for a first token at most; beyond it 503 with Retry-After (default: no cap)")
     p.add_argument("--json-whitespace-flexible", action="store_true",
                    help="JSON output may contain any whitespace (default: compact; a request's x-guidance overrides)")
     p.add_argument("--log-level", default="info")
@@ -56,6 +60,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
         model = str(ensure_tiny_model("tiny", arch=TINY_ALIASES[model]))
     overrides = {"kv_cache_bytes": args.kv_cache_mb and args.kv_cache_mb << 20,
+                 "encoder_cache_bytes": args.encoder_cache_mb and args.encoder_cache_mb << 20,
                  "max_model_len": args.max_model_len,
                  "json_whitespace_flexible": args.json_whitespace_flexible or None}
     limits = Limits(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
@@ -70,7 +75,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allow_private_media_urls=args.allow_private_media_urls,
         graceful_shutdown_s=args.graceful_shutdown,
         engine_overrides={k: v for k, v in overrides.items() if v is not None}, topology=topology,
-        transfer=args.transfer)
+        transfer=args.transfer, max_waiting_requests=args.max_waiting_requests)
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -37,3 +37,4 @@ class ServerConfig:
     engine_overrides: dict = field(default_factory=dict)
     topology: Topology = field(default_factory=lambda: parse_topology("EPD"))
     transfer: str = "shm"  # data plane between instances: shm (one host) or zmq (raw frames, any host)
+    max_waiting_requests: int | None = None  # beyond it, new requests get 503 + Retry-After

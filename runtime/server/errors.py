@@ -38,9 +38,16 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> Response:
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(error_body(status, message, code, param)), status_code=status,
-                    media_type="application/json")
+                    media_type="application/json", headers=headers)
+
+
+def error_headers(exc: BaseException) -> dict[str, str] | None:
+    """`Retry-After` for an error that says when to come back (an overloaded server's 503)."""
+    retry = getattr(exc, "retry_after_s", None)
+    return {"Retry-After": str(retry)} if retry is not None else None
 
 
 def from_exception(exc: BaseException) -> tuple[int, str, str | None, str | None]:
@@ -67,7 +74,7 @@ def install_handlers(app: FastAPI) -> None:
         status, message, code, param = from_exception(exc)
         if status >= 500:
             log.error("unhandled error on %s", request.url.path, exc_info=exc)
-        return error_response(status, message, code, param)
+        return error_response(status, message, code, param, error_headers(exc))
 
     async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
         return error_response(exc.status_code, str(exc.detail), None, None)
