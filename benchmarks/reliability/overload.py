@@ -112,6 +112,7 @@ def run(url: str, args: argparse.Namespace) -> dict:
               "integrity_ok": probe.integrity_ok(after_info),
               "segments_left": probe.segments(after_info["segment_prefix"]),
               "healthy_after": probe.healthy(url, model),
+              "preemptions": after_info["engine"].get("num_preemptions", 0),
               "router": {k: v for k, v in after_info["engine"].items() if k.startswith("router_")}}
     report["ok"] = (counts["crashes"] == counts["server_errors"] == counts["bad_error_bodies"] == 0
                     and counts["identical"] == counts["completed"] > 0
