@@ -10,7 +10,7 @@ import time
 import pytest
 
 from deployment_helpers import ENGINE_ARGS, alive, collect, prepare, run_all, segments, tokens
-from epdlang.errors import RequestAborted
+from epdlang.errors import EpdError, RequestAborted
 from epdlang.sampling import SamplingParams
 from images import make_image
 from runtime.cluster.deployment import Deployment
@@ -105,6 +105,16 @@ def test_encoder_killed_then_requests_still_answered(dep):
         assert not isinstance(outs, BaseException) and outs[-1].error is None
         assert len(tokens(outs)) == 8
     _wait_restarted(dep, "E0", old)
+
+
+def test_a_request_the_router_cannot_send_fails_instead_of_hanging(dep):
+    """A value the wire codec cannot encode (a seed past 64 bits, say) used to leave the request waiting
+    forever; now the router answers it with an error and keeps serving."""
+    bad = prepare(dep, _request("red"), SamplingParams(max_new_tokens=2, seed=2**70))
+    result = asyncio.run(asyncio.wait_for(collect(dep, bad), 10))
+    assert isinstance(result, EpdError) and "could not handle" in str(result)
+    [outs] = run_all(dep, [prepare(dep, _request("red"), SHORT)], 60)
+    assert outs[-1].error is None and len(tokens(outs)) == 8
 
 
 def test_shutdown_leaves_nothing(tiny_model_dir):

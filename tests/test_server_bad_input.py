@@ -35,16 +35,17 @@ def malformed_cases() -> list[tuple[str, bytes | dict]]:
     raw += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))) for _ in range(12)]
     cases: list = [(p, b) for p in (CHAT, COMP, GEN) for b in raw]
     wrong = {"temperature": ["hot", [1], {"a": 1}, True], "max_tokens": ["5", 1.5, -1, 0, 10**9],
-             "n": [0, -3, 1000, "2"], "top_p": [0, 2, -1.0, "x"], "top_k": [0, -5, 1.5],
+             "n": [0, -3, 1000, "2"], "top_p": [0, 2, -1.0, "x"], "top_k": [0, -5, 1.5, 2**63, 10**30],
              "min_p": [-0.1, 3], "presence_penalty": [9, -9], "frequency_penalty": [3.5],
              "repetition_penalty": [0, -1, 100], "stop": [5, [1, 2], [""], ["s"] * 40],
-             "seed": ["x", 1.5], "logprobs": ["yes", 3], "top_logprobs": [50, -1], "stream": ["yes", 1],
+             "seed": ["x", 1.5, 2**64, -(2**63) - 1], "logprobs": ["yes", 3], "top_logprobs": [50, -1],
+             "stream": ["yes", 1],
              "messages": [[], "hi", [{"role": "nobody", "content": "x"}], [{"content": "x"}],
                           [{"role": "user", "content": 5}], [{"role": "user", "content": [{"type": "video"}]}],
                           [{"role": "user", "content": [{"type": "text"}]}]],
              "model": ["nope", 5, None], "response_format": [{"type": "xml"}, {"type": "json_schema"}, "json"],
              "regex": ["((", "[z-a]", "(?<=x)y"], "logit_bias": [{"1": 5}], "tools": [[{"type": "function"}]],
-             "stop_token_ids": [[-1], ["a"]], "min_tokens": [-2, 100]}
+             "stop_token_ids": [[-1], ["a"], [2**64]], "min_tokens": [-2, 100]}
     for field, values in wrong.items():
         cases += [(CHAT, chat_body(**{field: v})) for v in values]
     cases += [(CHAT, chat_body(response_format={"type": "json_schema", "json_schema": {"schema": s}}))
@@ -68,7 +69,14 @@ def image_cases() -> list[str]:
     return [f"data:image/png;base64,{junk}", "data:image/png;base64,!!!!", "data:text/plain;base64,aGk=",
             "data:image/png,notbase64", f"data:image/png;base64,{big}", f"data:image/bmp;base64,{bmp}",
             "/etc/passwd", "file:///etc/hostname", "../../../../etc/passwd", "ftp://example.com/x.png",
-            "http://127.0.0.1:1/none.png", ""]
+            "http://127.0.0.1:1/none.png", "", *fuzz_found_refs()]
+
+
+def fuzz_found_refs() -> list[str]:
+    """Refs the fuzz mode found 500s with: a NUL or an unknown ~user in a path (ValueError, RuntimeError), URLs
+    that httpx or IDNA refuse before any request (InvalidURL, UnicodeError)."""
+    return ["/tmp/x\x00.png", "file:///tmp/x%00.png", "~nosuchuser/x.png", "http://[::1", "http://\x00/x.png",
+            "http://\t/x.png", "http://xn--/x.png", f"http://{'a' * 300}.com/x.png"]
 
 
 def sglang_cases() -> list[dict]:
@@ -87,7 +95,13 @@ def sglang_cases() -> list[dict]:
             {"text": "a", "image_data": "bm90IGFuIGltYWdl"}, {"text": "<|image_pad|>", "image_data": "!!"},
             {"text": "a <|image_pad|>", "image_data": ["/etc/passwd.png"]},
             {"text": "no pads", "image_data": data_url()},
-            {"text": "a", "sampling_params": {"n": 0}}, {"text": "a", "sampling_params": {"stop": [3]}}]
+            {"text": "a", "sampling_params": {"n": 0}}, {"text": "a", "sampling_params": {"stop": [3]}},
+            # ints past 64 bits used to hang the request (the engine's msgpack encoder failed in the router)
+            {"text": "a", "sampling_params": {"top_k": 10**30}},
+            {"text": "a", "sampling_params": {"sampling_seed": 2**64}},
+            {"text": "a", "sampling_params": {"stop_token_ids": [2**64]}},
+            {"text": "a <|image_pad|>", "image_data": "http://[::1"},
+            {"text": "a <|image_pad|>", "image_data": "/x\x00.png"}]
 
 
 def assert_error(r: httpx.Response, case) -> None:

@@ -16,7 +16,7 @@ import zmq
 
 from epdlang import errors
 from runtime.cluster import wire
-from runtime.cluster.router_inbox import Inbox
+from runtime.cluster.router_inbox import Inbox, refuse
 from runtime.cluster.router_policy import (
     EncodeTask,
     Flight,
@@ -86,8 +86,11 @@ class Router:
         for kind, *args in self.inbox.drain(woken):
             try:
                 getattr(self, f"_cmd_{kind}")(*args)
-            except Exception:
+            except Exception as exc:  # answered all the same: its caller must not wait forever
                 log.exception("router command %s failed", kind)
+                if kind == "submit":
+                    self._cmd_abort(args[0].rid)
+                refuse((kind, *args), errors.EpdError(f"the router could not handle this request: {exc!r}"))
 
     # ---- commands -----------------------------------------------------------------------------------
     def _cmd_submit(self, msg: GenerateRequest, sink: Sink) -> None:

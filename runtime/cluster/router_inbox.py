@@ -54,11 +54,12 @@ class Inbox:
             refuse(command)
 
 
-def refuse(command: tuple) -> None:
-    """Answer a command that arrived after the router stopped."""
+def refuse(command: tuple, error: Exception | None = None) -> None:
+    """Answer a command that will not be carried out: the router has stopped (RequestAborted), or
+    handling it failed (`error`)."""
     kind, *args = command
-    gone = errors.RequestAborted("the deployment is shut down")
+    error = error or errors.RequestAborted("the deployment is shut down")
     if kind == "submit":
-        args[1](gone)
+        args[1](error)
     elif kind == "control" and not args[1].done():
-        args[1].set_exception(gone)
+        args[1].set_exception(error)

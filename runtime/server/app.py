@@ -44,7 +44,8 @@ def create_app(config: ServerConfig, engine_factory=load_engine) -> FastAPI:
             loader.cancel()
             await _stop_engine(app)
 
-    app = FastAPI(title="epdlang", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="epdlang", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")  # behind the API key like every route but /health
     app.state.config, app.state.frontend, app.state.started = config, None, int(time.time())
     app.state.metrics = metrics = Metrics()
     app.state.load_error = None

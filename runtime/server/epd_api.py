@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.server.image_store import image_id
-from runtime.server.openai_api import frontend, parse
+from runtime.server.openai_api import frontend, json_body, parse
 from runtime.server.serving import guarded
 
 router = APIRouter()
@@ -24,7 +24,7 @@ class EndSession(BaseModel):
     session_id: str = Field(min_length=1)
 
 
-@router.post("/epd/images")
+@router.post("/epd/images", openapi_extra=json_body(ImagesUpload))
 async def upload_images(request: Request) -> dict:
     fe = frontend(request)
     req: ImagesUpload = parse(ImagesUpload, await request.body())
@@ -32,7 +32,7 @@ async def upload_images(request: Request) -> dict:
     return {"images": [{"id": image_id(x), "num_tokens": x.num_tokens} for x in inputs]}
 
 
-@router.post("/epd/end_session")
+@router.post("/epd/end_session", openapi_extra=json_body(EndSession))
 async def end_session(request: Request) -> dict:
     fe = frontend(request)
     req: EndSession = parse(EndSession, await request.body())

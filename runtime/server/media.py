@@ -77,10 +77,9 @@ class MediaLoader:
             raise ImageError(f"image has invalid base64: {e}") from e
 
     def _read_local(self, ref: str) -> bytes:
-        path = Path(unquote(ref.removeprefix("file://"))).expanduser()
-        try:
-            real = path.resolve()
-        except (OSError, RuntimeError) as e:
+        try:  # ValueError: a NUL byte or a lone surrogate; RuntimeError: an unknown ~user or a symlink loop
+            real = Path(unquote(ref.removeprefix("file://"))).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError) as e:
             raise MediaNotAllowed(f"image path {ref[:200]!r} is not allowed") from e
         if not any(real.is_relative_to(d) for d in self.allowed_dirs):
             raise MediaNotAllowed(f"image path {ref[:200]!r} is not under an allowed media directory")
@@ -100,13 +99,18 @@ class MediaLoader:
             hooks = {} if self.allow_private else {"request": [_refuse_internal_host]}
             self._client = httpx.AsyncClient(timeout=self.limits.fetch_timeout_s, follow_redirects=True,
                                              max_redirects=3, event_hooks=hooks)
-        try:
-            async with self._client.stream("GET", url) as resp:
-                if resp.status_code != 200:
-                    raise ImageError(f"fetching image {url[:200]!r} returned HTTP {resp.status_code}")
-                return await self._read_capped(resp)
-        except httpx.HTTPError as e:
+        try:  # the timeout bounds the whole download, not only each read (a body can trickle in for ever)
+            return await asyncio.wait_for(self._get(url), self.limits.fetch_timeout_s)
+        except asyncio.TimeoutError as e:
+            raise ImageError(f"fetching image {url[:200]!r} took over {self.limits.fetch_timeout_s:g}s") from e
+        except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as e:  # UnicodeError: IDNA cannot encode the host
             raise ImageError(f"cannot fetch image {url[:200]!r}: {type(e).__name__}") from e
+
+    async def _get(self, url: str) -> bytes:
+        async with self._client.stream("GET", url) as resp:
+            if resp.status_code != 200:
+                raise ImageError(f"fetching image {url[:200]!r} returned HTTP {resp.status_code}")
+            return await self._read_capped(resp)
 
     async def _read_capped(self, resp: httpx.Response) -> bytes:
         chunks, total = [], 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
@@ -30,6 +31,30 @@ def parse(model: type[BaseModel], body: bytes) -> BaseModel:
     return model.model_validate_json(body or b"null", strict=True)
 
 
+def json_body(model: type[BaseModel]) -> dict:
+    """`openapi_extra` for a route that parses its raw body as `model`: the schema then shows the real JSON body
+    (pydantic's `$defs` inlined, as an operation cannot add components), while the route keeps parsing itself."""
+    schema = model.model_json_schema()
+    body = _inline(schema, schema.pop("$defs", {}), ())
+    return {"requestBody": {"content": {"application/json": {"schema": body}}, "required": True}}
+
+
+def _inline(node: Any, defs: dict, seen: tuple[str, ...]) -> Any:
+    """`node` with every `{"$ref": "#/$defs/X", ...}` replaced by X itself (merged with the ref's siblings)."""
+    if isinstance(node, list):
+        return [_inline(v, defs, seen) for v in node]
+    if not isinstance(node, dict):
+        return node
+    ref = node.get("$ref", "")
+    if ref.startswith("#/$defs/"):
+        name = ref.removeprefix("#/$defs/")
+        if name in seen:
+            raise ValueError(f"recursive model {name} cannot be inlined")
+        rest = {k: v for k, v in node.items() if k != "$ref"}
+        return _inline(defs[name], defs, (*seen, name)) | _inline(rest, defs, seen)
+    return {k: _inline(v, defs, seen) for k, v in node.items()}
+
+
 def check_model(request: Request, name: str) -> None:
     state = request.app.state
     if name not in (state.config.served_model_name, state.config.model_path):
@@ -52,7 +77,7 @@ async def models(request: Request) -> dict:
     return {"object": "list", "data": [card]}
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
 async def chat_completions(request: Request):
     fe = frontend(request)
     req: ChatCompletionRequest = parse(ChatCompletionRequest, await request.body())
@@ -77,7 +102,7 @@ async def chat_completions(request: Request):
     return envelope(rid, shape.obj, shape.created, shape.model, choices, usage(results, req.n))
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
 async def completions(request: Request):
     fe = frontend(request)
     req: CompletionRequest = parse(CompletionRequest, await request.body())

@@ -3,7 +3,7 @@ response / stream-chunk bodies."""
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,6 +11,11 @@ from epdlang.errors import InvalidRequest
 from epdlang.sampling import SamplingParams
 from runtime.messages import TokenLogprob
 from runtime.server.serving import Accum
+
+# Ints travel to the engine as msgpack, which holds [-2**63, 2**64): wider ones are refused here, with room left
+# for the sample index the server adds to a seed when n > 1.
+INT64_MAX = 2**63 - 1
+Int64 = Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)]
 
 
 class _Model(BaseModel):
@@ -75,16 +80,16 @@ class _Sampling(_Model):
     n: int = Field(1, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     regex: str | None = None

@@ -1,6 +1,7 @@
 """SGLang-native routes: /generate, /tokenize, /get_model_info, /model_info, /flush_cache, /get_server_info."""
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -10,7 +11,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from runtime.server.errors import error_body, from_exception
-from runtime.server.openai_api import frontend, parse
+from runtime.server.openai_api import frontend, json_body, parse
 from runtime.server.serving import EngineStream, Frontend, check_logprob_start, collect, guarded, merged, token_texts
 from runtime.server.sglang_protocol import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -52,11 +53,13 @@ async def server_info(request: Request) -> dict:
     snapshot = await fe.deployment.snapshot()
     epd = fe.images.info() | {"max_images": fe.limits.max_images,  # what epd.RuntimeEndpoint needs to know
                                "model_type": fe.processor.model_type}
-    return {"model_path": cfg.model_path, "served_model_name": cfg.served_model_name,
-            "engine": snapshot, "epd": epd, "version": "epdlang"}
+    integrity = await fe.deployment.integrity() if request.query_params.get("integrity") else None
+    return {"model_path": cfg.model_path, "served_model_name": cfg.served_model_name, "pid": os.getpid(),
+            "segment_prefix": fe.deployment.segment_prefix,
+            "engine": snapshot, "epd": epd, "integrity": integrity, "version": "epdlang"}
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", openapi_extra=json_body(TokenizeReqInput))
 async def tokenize(request: Request) -> dict:
     fe = frontend(request)
     req: TokenizeReqInput = parse(TokenizeReqInput, await request.body())
@@ -67,7 +70,8 @@ async def tokenize(request: Request) -> dict:
             "max_model_len": fe.limits.max_total_tokens}
 
 
-@router.api_route("/flush_cache", methods=["GET", "POST"])
+@router.get("/flush_cache")
+@router.post("/flush_cache")  # two routes, so the schema has one operation id per method
 async def flush_cache(request: Request) -> Response:
     fe = frontend(request)
     ok = await fe.deployment.flush_cache()
@@ -75,7 +79,7 @@ async def flush_cache(request: Request) -> Response:
     return Response(text, status_code=200 if ok else 400, media_type="text/plain")
 
 
-@router.post("/generate")
+@router.post("/generate", openapi_extra=json_body(GenerateReqInput))
 async def generate(request: Request):
     fe = frontend(request)
     req: GenerateReqInput = parse(GenerateReqInput, await request.body())

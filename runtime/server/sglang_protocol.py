@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from epdlang.errors import InvalidRequest
 from epdlang.sampling import SamplingParams
 from runtime.messages import TokenLogprob
+from runtime.server.openai_protocol import Int64
 from runtime.server.serving import Accum
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -31,10 +32,10 @@ class SglSampling(BaseModel):
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -44,7 +45,7 @@ class SglSampling(BaseModel):
     regex: str | None = None
     json_schema: str | dict | None = None
     n: int | None = None
-    sampling_seed: int | None = None
+    sampling_seed: Int64 | None = None
     spaces_between_special_tokens: bool | None = None
     no_stop_trim: bool | None = None
     stream_interval: int | None = None
