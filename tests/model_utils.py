@@ -88,3 +88,9 @@ def shuffled_pages(num_pages: int, seed: int = 0) -> Callable[[int], list[int]]:
     free = list(range(num_pages))
     random.Random(seed).shuffle(free)
     return lambda n: [free.pop() for _ in range(n)]
+
+
+def text_ids(n: int, seed: int, vocab: int = 280) -> list[int]:
+    """`n` seeded random ids below `vocab` (the test checkpoints' special ids sit above it)."""
+    rng = random.Random(seed)
+    return [rng.randrange(0, vocab) for _ in range(n)]

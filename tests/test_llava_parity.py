@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_utils import PagedSequences, Step, new_pool, shuffled_pages
+from model_utils import PagedSequences, Step, new_pool, shuffled_pages, text_ids
 from runtime.models import load_model, read_config
 from runtime.models.config import model_config_from_hf
 from runtime.models.qwen2_vl import Qwen2VLForConditionalGeneration
@@ -53,11 +52,6 @@ def llava_checkpoint(tmp_path_factory):
 def llava(llava_checkpoint):
     path, hf = llava_checkpoint
     return hf, load_model(path)
-
-
-def text_ids(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(0, 280) for _ in range(n)]
 
 
 def image_prompt(n_images: int, seed: int, tokens: int = TOKENS) -> list[int]:

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_utils import PagedSequences, Step, new_pool, shuffled_pages
+from model_utils import PagedSequences, Step, new_pool, shuffled_pages, text_ids
 from runtime.models import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -58,11 +57,6 @@ def qwen2_checkpoint(tmp_path_factory):
 def qwen2(qwen2_checkpoint):
     path, hf = qwen2_checkpoint
     return hf, load_model(path)
-
-
-def text_ids(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(0, 280) for _ in range(n)]
 
 
 def image_prompt(grids, seed: int) -> list[int]:
