@@ -54,6 +54,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         topology = parse_topology(args.instances, args.num_threads)
     except ValueError as exc:
         raise SystemExit(f"--instances {args.instances!r}: {exc}") from None
+    if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
+        raise SystemExit(f"--max-waiting-requests must be at least 1, got {args.max_waiting_requests}")
     model = args.model
     if model in TINY_ALIASES:
         from runtime.tiny_model import ensure_tiny_model
