@@ -8,7 +8,6 @@ from typing import Any
 
 from epdlang.sampling import SamplingParams
 from runtime.cluster.deployment import Deployment
-from runtime.cluster.transfer import shm_dir
 from runtime.messages import GenerateRequest, RequestOutput
 
 ENGINE_ARGS = {"page_size": 8, "kv_cache_bytes": 32 << 20}
@@ -37,10 +36,6 @@ def run_all(dep: Deployment, msgs: list[GenerateRequest], timeout_s: float = 120
 
 def tokens(outs: list[RequestOutput]) -> tuple[int, ...]:
     return tuple(t for out in outs for t in out.new_token_ids)
-
-
-def segments(prefix: str) -> list[str]:
-    return [name for name in os.listdir(shm_dir()) if name.startswith(prefix)]
 
 
 def alive(pid: int) -> bool:

@@ -9,11 +9,12 @@ import time
 
 import pytest
 
-from deployment_helpers import ENGINE_ARGS, alive, collect, prepare, run_all, segments, tokens
+from deployment_helpers import ENGINE_ARGS, alive, collect, prepare, run_all, tokens
 from epdlang.errors import EpdError, RequestAborted
 from epdlang.sampling import SamplingParams
 from images import make_image
 from runtime.cluster.deployment import Deployment
+from runtime.cluster.transfer import list_segments
 
 LONG = SamplingParams(max_new_tokens=400, ignore_eos=True)
 SHORT = SamplingParams(max_new_tokens=8, ignore_eos=True)
@@ -131,7 +132,7 @@ def test_shutdown_leaves_nothing(tiny_model_dir):
     results = asyncio.run(scenario())
     assert all(isinstance(r, BaseException) or r[-1].finished for r in results)
     assert not any(alive(pid) for pid in pids)
-    assert segments(prefix) == []
+    assert list_segments(prefix) == []
     assert not dep.is_alive()
     late = asyncio.run(asyncio.wait_for(collect(dep, prepare(dep, _request("red"), SHORT)), 5))
     assert isinstance(late, RequestAborted)  # refused at once: no hang, no write to a closed (reused) fd

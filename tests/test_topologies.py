@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from deployment_helpers import ENGINE_ARGS, alive, prepare, run_all, segments, tokens
+from deployment_helpers import ENGINE_ARGS, alive, prepare, run_all, tokens
 from epdlang.sampling import SamplingParams
 from images import make_image
 from runtime.cluster.deployment import Deployment
+from runtime.cluster.transfer import list_segments
 from runtime.engine.core import Engine
 
 TOPOLOGIES = ["EPD", "E,PD", "EP,D", "ED,P", "E,P,D", "2E,P,D"]
@@ -66,7 +67,7 @@ def test_tokens_equal_engine_on_every_topology(spec, transfer, tiny_model_dir, r
         if "," in spec and "PD" not in spec:
             assert snap["stats_handoffs_sent"] == snap["stats_handoffs_adopted"] > 0
     assert not any(alive(pid) for pid in pids)
-    assert segments(prefix) == []
+    assert list_segments(prefix) == []
 
 
 def test_two_encoders_split_one_requests_images(tiny_model_dir):

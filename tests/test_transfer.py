@@ -19,6 +19,7 @@ from runtime.cluster.transfer import (
     TensorHandle,
     TransferError,
     ZmqFrameTransfer,
+    list_segments,
     make_transfer,
     shm_dir,
     sweep_segments,
@@ -27,10 +28,6 @@ from runtime.cluster.transfer import (
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(3, 5), (7,), (), (0,), (2, 0, 4), (4, 1, 3)]
 DTYPES = [torch.float32, torch.int64, torch.bfloat16]
-
-
-def segments(prefix: str) -> list[str]:
-    return sorted(n for n in os.listdir(shm_dir()) if n.startswith(f"{prefix}-"))
 
 
 @pytest.fixture
@@ -60,7 +57,7 @@ def test_round_trip(backend, dtype, shape, prefix):
     out = receiver.open(TensorHandle.from_dict(json.loads(json.dumps(handle.to_dict()))), frames, dtype=dtype)
     assert out.dtype == dtype and tuple(out.shape) == shape
     assert raw_bytes(out) == raw_bytes(src)
-    assert segments(prefix) == []
+    assert list_segments(prefix) == []
 
 
 @pytest.mark.parametrize("backend", ["shm", "zmq"])
@@ -82,9 +79,9 @@ def test_shm_open_unlinks_but_tensor_stays_valid(prefix):
     transfer = ShmTransfer(prefix)
     src = torch.randn(64, 32)
     handle, _ = transfer.export(src)
-    assert segments(prefix) == [handle.name]
+    assert list_segments(prefix) == [handle.name]
     got = transfer.open(handle)
-    assert segments(prefix) == []
+    assert list_segments(prefix) == []
     got.add_(1)  # the receiver may write its own copy
     assert torch.equal(got, src + 1)
     with pytest.raises(TransferError, match="gone"):
@@ -116,7 +113,7 @@ def test_kept_tensors_hold_no_file_descriptors(prefix):
         sent.append(tensor)
         kept.append(transfer.open(handle, dtype=torch.float32, shape=(None, 8)))
     assert len(os.listdir("/proc/self/fd")) == fds
-    assert [int(t[0, 0]) for t in kept] == list(range(64)) and not segments(prefix)
+    assert [int(t[0, 0]) for t in kept] == list(range(64)) and not list_segments(prefix)
 
 
 def test_claim_refuses_a_symlink(prefix, tmp_path):
@@ -129,7 +126,7 @@ def test_claim_refuses_a_symlink(prefix, tmp_path):
     path.symlink_to(target)
     with pytest.raises(TransferError, match="regular file"):
         transfer.open(handle)
-    assert target.exists() and not path.exists() and not segments(prefix)
+    assert target.exists() and not path.exists() and not list_segments(prefix)
 
 
 def test_seal_while_sender_still_holds_its_tensor(prefix):
@@ -147,7 +144,7 @@ def test_shm_truncated_segment(prefix):
     os.truncate(os.path.join(shm_dir(), handle.name), 40)
     with pytest.raises(TransferError, match="size"):
         transfer.open(handle)
-    assert segments(prefix) == []  # open took ownership, so the failure freed it
+    assert list_segments(prefix) == []  # open took ownership, so the failure freed it
 
 
 def test_zmq_short_frame():
@@ -239,9 +236,9 @@ def test_receiver_killed_before_open(prefix):
     receiver.send_signal(signal.SIGKILL)
     assert receiver.wait(timeout=10) == -signal.SIGKILL
     receiver.stdin.close(), receiver.stdout.close(), receiver.stderr.close()
-    assert segments(prefix) == [handle.name]
+    assert list_segments(prefix) == [handle.name]
     sender.release(handle)
-    assert segments(prefix) == []
+    assert list_segments(prefix) == []
     sender.release(handle)  # idempotent
     with pytest.raises(TransferError, match="gone"):
         sender.open(handle)
@@ -253,7 +250,7 @@ def test_sweep_segments(prefix):
     neighbour = ShmTransfer(f"{prefix}x")  # a prefix that merely starts the same is someone else's
     other, _ = neighbour.export(torch.ones(1))
     assert sweep_segments(prefix) == names
-    assert segments(prefix) == [] and sweep_segments(prefix) == []
+    assert list_segments(prefix) == [] and sweep_segments(prefix) == []
     neighbour.release(other)
 
 
@@ -293,4 +290,4 @@ def test_cross_process(prefix, tmp_path):
         sock.close(linger=0)
     assert receiver.returncode == 0, err
     assert out.splitlines() == [digest(shm_src), digest(zmq_src)]
-    assert segments(prefix) == []
+    assert list_segments(prefix) == []

@@ -17,6 +17,7 @@ import orjson
 
 from benchmarks.reliability import probe
 from benchmarks.serving.images import image_data_url
+from runtime.cluster.transfer import list_segments
 
 SERVE_ARGS = ["--kv-cache-mb", "64", "--num-threads", "2", "--log-level", "warning"]
 HANG_GRACE_S = 30.0
@@ -130,7 +131,7 @@ def run(url: str, args: argparse.Namespace) -> dict:
               "outcomes": sorted({r["outcome"] for r in records}),
               "kills": per_kill(records, kills, info["engine"].get("router_retried", 0)),
               "integrity_ok": probe.integrity_ok(info), "integrity": info.get("integrity"),
-              "segments_left": probe.segments(info["segment_prefix"]), "healthy_after": probe.healthy(url)}
+              "segments_left": list_segments(info["segment_prefix"]), "healthy_after": probe.healthy(url)}
     report["ok"] = (report["hung"] == 0 and report["integrity_ok"] and not report["segments_left"]
                     and report["healthy_after"] and all(k["back_after_s"] is not None for k in report["kills"])
                     and all(k["fail_after_kill_s_max"] <= 5.0 for k in report["kills"]))

@@ -15,6 +15,7 @@ import httpx
 
 from benchmarks.reliability import probe
 from benchmarks.serving.images import image_data_url
+from runtime.cluster.transfer import list_segments
 
 SERVE_ARGS = ["--kv-cache-mb", "8", "--max-waiting-requests", "12", "--max-model-len", "8192",
               "--num-threads", "2", "--log-level", "warning"]
@@ -110,7 +111,7 @@ def run(url: str, args: argparse.Namespace) -> dict:
               "rss_mb": {n: {"before": before[n], "peak": peak.get(n), "after": probe.rss_mb(pid)}
                          for n, pid in watch.items()},
               "integrity_ok": probe.integrity_ok(after_info),
-              "segments_left": probe.segments(after_info["segment_prefix"]),
+              "segments_left": list_segments(after_info["segment_prefix"]),
               "healthy_after": probe.healthy(url, model),
               "preemptions": after_info["engine"].get("num_preemptions", 0),
               "router": {k: v for k, v in after_info["engine"].items() if k.startswith("router_")}}

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import httpx
 
-from runtime.cluster.transfer import shm_dir
-
 
 def server_info(url: str, integrity: bool = False, timeout_s: float = 30.0) -> dict:
     params = {"integrity": "1"} if integrity else {}
@@ -38,10 +36,6 @@ def open_fds(pid: int) -> int | None:
     except OSError:
         return None
 
-
-def segments(prefix: str) -> list[str]:
-    """The deployment's shared-memory segments now on this host (tensors in flight, or leaked)."""
-    return sorted(p.name for p in Path(shm_dir()).glob(f"{prefix}-*") if "-logs-" not in p.name)
 
 
 def integrity_ok(info: dict) -> bool:

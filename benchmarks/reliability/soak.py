@@ -14,6 +14,7 @@ import httpx
 
 from benchmarks.reliability import probe
 from benchmarks.serving.images import image_data_url
+from runtime.cluster.transfer import list_segments
 
 # A small encoder cache fills (and starts evicting) within the warm-up, so growth after it is a leak.
 SERVE_ARGS = ["--kv-cache-mb", "64", "--encoder-cache-mb", "16", "--num-threads", "2", "--log-level", "warning"]
@@ -86,7 +87,7 @@ async def traffic(url: str, args: argparse.Namespace, stop_at: float) -> dict[st
 async def sampler(url: str, pids: dict[str, int], prefix: str, every_s: float, stop_at: float, t0: float) -> list:
     samples = []
     while time.monotonic() < stop_at:
-        row = {"t": round(time.monotonic() - t0, 1), "segments": len(probe.segments(prefix))}
+        row = {"t": round(time.monotonic() - t0, 1), "segments": len(list_segments(prefix))}
         row |= {f"rss:{n}": probe.rss_mb(pid) for n, pid in pids.items()}
         row |= {f"fds:{n}": probe.open_fds(pid) for n, pid in pids.items()}
         samples.append(row)
@@ -137,7 +138,7 @@ def run(url: str, args: argparse.Namespace) -> dict:
     plot(samples, list(pids), args.plot)
     report = {"minutes": args.minutes, "traffic": counts, "rss_growth": rss, "fd_growth": fds,
               "samples": samples, "idle_pages_in_use": idle_pages, "integrity_ok": probe.integrity_ok(info),
-              "segments_left": probe.segments(info["segment_prefix"]), "plot": str(args.plot),
+              "segments_left": list_segments(info["segment_prefix"]), "plot": str(args.plot),
               "healthy_after": probe.healthy(url)}
     report["ok"] = (all(g is not None and g < MAX_GROWTH for g in rss.values())
                     and all(g is not None and g < MAX_GROWTH for g in fds.values())

@@ -320,16 +320,20 @@ def make_transfer(name: str, prefix: str) -> TransferBackend:
     return TRANSFER_BACKENDS[name](prefix)
 
 
+def list_segments(prefix: str) -> list[str]:
+    """Names of the shm segments now under `prefix` (tensors in flight, or left behind)."""
+    _check_prefix(prefix)
+    with os.scandir(shm_dir()) as entries:
+        return sorted(e.name for e in entries if e.name.startswith(f"{prefix}-") and e.is_file(follow_symlinks=False))
+
+
 def sweep_segments(prefix: str) -> list[str]:
     """Unlink every shm segment left under `prefix` (crashed or never-opened transfers); their names."""
-    _check_prefix(prefix)
     swept = []
-    with os.scandir(shm_dir()) as entries:
-        for entry in entries:
-            if entry.name.startswith(f"{prefix}-") and entry.is_file(follow_symlinks=False):
-                try:
-                    os.unlink(entry.path)
-                    swept.append(entry.name)
-                except FileNotFoundError:
-                    pass  # its receiver opened it meanwhile
-    return sorted(swept)
+    for name in list_segments(prefix):
+        try:
+            os.unlink(os.path.join(shm_dir(), name))
+            swept.append(name)
+        except FileNotFoundError:
+            pass  # its receiver opened it meanwhile
+    return swept
