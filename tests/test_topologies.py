@@ -85,3 +85,12 @@ def test_two_encoders_split_one_requests_images(tiny_model_dir):
         per = dep.snapshot_now()["instances"]
         assert sum(per[n].get("stats_images_encoded", 0) for n in ("E0", "E1")) == 3  # cached: no re-encode
         assert again[-1].cached_tokens > 0  # the P instance reused the prompt's KV
+
+
+def test_encoder_cache_off_still_ships_embeddings(tiny_model_dir, reference):
+    """E ships what it just encoded even when its cache cannot hold it (here: disabled)."""
+    args = ENGINE_ARGS | {"encoder_cache_bytes": 0}
+    with Deployment(tiny_model_dir, "E,P,D", **args) as dep:
+        named = {k: v for k, v in cases().items() if k in ("one_image", "three_images")}
+        results = run_all(dep, [prepare(dep, r, p, rid=n) for n, (r, p) in named.items()])
+        assert [tokens(o) for o in results] == [reference[n] for n in named]

@@ -209,19 +209,21 @@ class RoleEngine(Engine):
     def _run_jobs(self, batch: list[tuple[EncodeJob, torch.Tensor | None]]) -> None:
         todo = {j.image.content_hash: (j.image, px) for j, px in batch
                 if j.image.content_hash not in self.encoder_cache and px is not None}
+        fresh: dict[str, torch.Tensor] = {}
         if todo:
             embeds = self._timed_encode([ImageInput(h, px, tuple(im.grid_thw), im.num_tokens)
                                          for h, (im, px) in todo.items()])
             for h, emb in zip(todo, embeds):
                 self.encoder_cache.put(h, emb)
                 self._encoding.discard(h)
+                fresh[h] = emb
             self.stats["images_encoded"] += len(todo)
-        for job, _ in batch:
-            self.outbox.append(self._ship(job))
+        for job, _ in batch:  # ship from `fresh`: a small (or disabled) cache may not hold the batch
+            self.outbox.append(self._ship(job, fresh.get(job.image.content_hash)))
 
-    def _ship(self, job: EncodeJob) -> EncodeDone:
+    def _ship(self, job: EncodeJob, emb: torch.Tensor | None = None) -> EncodeDone:
         h = job.image.content_hash
-        emb = self.encoder_cache.get(h)
+        emb = emb if emb is not None else self.encoder_cache.get(h)
         if emb is None:
             return EncodeDone(h, job.dest, error="image not cached and no pixels sent")
         if job.dest is None:
