@@ -1,0 +1,117 @@
+"""`epd plan --validate`: run the top K candidates and the colocated EPD for real, as `epd bench --launch` does.
+
+Each topology is started with `epd serve` on a free port (benchmarks/serving/launch.py), sent the plan's
+workload at each rate of a sweep (benchmarks/serving/cli.run_system, with ignore_eos so every request
+generates its planned length), and stopped. Measured goodput uses the same interpolation as
+`epd bench --sweep-rates`; the simulator is run at the same rates so that attainment can be compared
+point by point. Without --sweep-rates, each topology is swept around its own predicted goodput.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.serving.cli import run_system
+from benchmarks.serving.launch import REPO_ROOT, launched
+from benchmarks.serving.metrics import goodput, summarize
+from runtime.cluster.topology import parse_topology
+
+AROUND = (0.5, 0.75, 1.0, 1.25, 1.5)  # x predicted goodput, when no rates are given
+
+
+def bench_namespace(args: argparse.Namespace) -> argparse.Namespace:
+    """The `epd bench` options `run_system` reads, from the plan's options."""
+    return argparse.Namespace(model=None, api_key=None, ignore_eos=True, request_timeout=600.0,
+                              slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, dataset=args.dataset,
+                              burstiness=args.burstiness, seed=args.seed, max_concurrency=args.max_concurrency,
+                              disable_tqdm=True, save_result=False, sweep_rates=None, result_dir=".")
+
+
+def rates_for(args: argparse.Namespace, predicted_rps: float) -> list[float]:
+    if args.sweep_rates:
+        return sorted(float(x) for x in args.sweep_rates.split(",") if x.strip())
+    base = predicted_rps if predicted_rps > 0 else 0.25
+    return [round(base * k, 3) for k in AROUND]
+
+
+def warmups_for(args: argparse.Namespace) -> list:
+    from runtime.planner.cli import bench_requests
+
+    if not args.num_warmups:
+        return []
+    return bench_requests(argparse.Namespace(**{**vars(args), "seed": args.seed + 7919,
+                                                "num_prompts": args.num_warmups}))
+
+
+def measure(args: argparse.Namespace, spec: str, rates: list[float], requests: list, warmups: list) -> list:
+    log_dir = Path(args.result_dir) if args.result_dir else REPO_ROOT / "results" / "planner" / "logs"
+    extra = shlex.split(args.launch_args)
+    if args.threads_per_instance:
+        count = len(parse_topology(spec).instances)
+        extra += ["--num-threads", str(args.threads_per_instance * count)]
+    with launched(spec, args.model, extra, log_dir, args.launch_timeout) as url:
+        return run_system(bench_namespace(args), spec, url, requests, warmups, rates, time.strftime("%H%M%S"))
+
+
+def p90(summary: Any, field: str) -> float:
+    return float(getattr(summary, field)["p90"])
+
+
+def measured_entry(points: list, predicted: dict[float, float]) -> dict[str, Any]:
+    pairs = [(pt.rate, pt.attainment) for pt in points]
+    gp = goodput(pairs)
+    passing = [pt for pt in points if pt.attainment >= 0.9] or points[:1]
+    at = max(passing, key=lambda pt: pt.rate)
+    s = summarize(at.results, 1.0)
+    return {"goodput_rps": round(gp, 4), "ttft_p90_ms": round(p90(s, "ttft_ms"), 2),
+            "tpot_p90_ms": round(p90(s, "tpot_ms"), 2), "at_rate": at.rate,
+            "points": [{"rate": pt.rate, "attainment": round(pt.attainment, 3),
+                        "predicted_attainment": round(predicted[pt.rate], 3)} for pt in points]}
+
+
+def validate(args: argparse.Namespace, result: Any) -> None:
+    from runtime.planner.cli import bench_requests
+
+    specs = list(dict.fromkeys([p.topology for p in result.ranked[:args.validate_top]] + [result.colocated]))
+    requests, warmups = bench_requests(args), warmups_for(args)
+    for spec in specs:
+        pred = result.prediction(spec)
+        rates = rates_for(args, pred.goodput_rps)
+        predicted = {r: result.planner.simulate(spec, r).attainment for r in rates}
+        print(f"[validate] {spec}: rates {rates} (predicted goodput {pred.goodput_rps:.2f} req/s)", flush=True)
+        try:
+            points = measure(args, spec, rates, requests, warmups)
+        except Exception as exc:  # a launch that failed: record it, go on with the others
+            result.measured[spec] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            continue
+        result.measured[spec] = measured_entry(points, predicted)
+    print_side_by_side(result)
+
+
+def error_pct(predicted: float, measured: float) -> float:
+    return (predicted - measured) / measured * 100.0 if measured > 0 else math.inf
+
+
+def print_side_by_side(result: Any) -> None:
+    print(f"\n{'topology':<12}{'rate':>7}{'attainment: predicted':>23}{'measured':>10}")
+    for spec, m in result.measured.items():
+        for pt in m.get("points", ()):
+            print(f"{spec:<12}{pt['rate']:>7g}{pt['predicted_attainment']:>23.2f}{pt['attainment']:>10.2f}")
+    print(f"\n{'topology':<12}{'goodput: predicted':>20}{'measured':>10}{'error':>8}")
+    for spec, m in result.measured.items():
+        if "error" in m:
+            print(f"{spec:<12} failed: {m['error']}")
+            continue
+        pred = result.prediction(spec).goodput_rps
+        print(f"{spec:<12}{pred:>20.2f}{m['goodput_rps']:>10.2f}{error_pct(pred, m['goodput_rps']):>7.0f}%")
+    ok = {s: m["goodput_rps"] for s, m in result.measured.items() if "goodput_rps" in m}
+    if ok:
+        best = max(ok, key=ok.get)
+        rec = result.recommended.topology
+        share = ok.get(rec, 0.0) / ok[best] if ok[best] else 0.0
+        print(f"best measured: {best} ({ok[best]:.2f} req/s); recommended {rec} measured "
+              f"{ok.get(rec, float('nan')):.2f} req/s = {share:.0%} of the best")

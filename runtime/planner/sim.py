@@ -1,0 +1,316 @@
+"""A discrete-event model of one deployment serving one workload: our router and scheduler, not a queueing formula.
+
+What it models, as the code does it (runtime/cluster/router.py, runtime/engine/scheduler.py):
+- a client that sends each request at its arrival time, at most `max_concurrency` in flight;
+- the API server's single preprocessing thread (FIFO, `front_ms` per request);
+- the router: P by least in-flight work, each image of a P without E to the E instance with the
+  least outstanding encode tokens, D (after a P-only prefill) by least in-flight work;
+- per instance an encoder worker (batches image jobs FIFO up to `encode_token_budget`; in a hybrid it
+  runs beside LM work, as the encoder thread does) and an LM worker whose step is one decode batch of
+  every running request plus a prefill batch of waiting, image-ready requests up to
+  `prefill_token_budget` tokens (chunked) and `max_running` requests, decode first;
+- transfers (pixels, embeddings, KV) as delays of `transfer_ms(bytes)`;
+- the SLO as `epd bench` checks it: TTFT <= target and the p90 of the request's own inter-token gaps <= target.
+What it leaves out: prefix and encoder cache hits (workloads with distinct images and prompts),
+KV-pool exhaustion and preemption, and the client's own CPU.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from runtime.config import EngineConfig
+from runtime.planner.clock import Clock
+
+
+class Costs(Protocol):
+    """Stage costs in ms at full speed on `threads` threads (or one accelerator)."""
+
+    kv_bytes_per_token: int
+    embed_bytes_per_token: int
+
+    def encode_ms(self, image_tokens: Sequence[int], threads: int) -> float: ...
+    def prefill_ms(self, tokens: int, threads: int) -> float: ...
+    def decode_ms(self, batch: int, context: float, threads: int) -> float: ...
+    def transfer_ms(self, nbytes: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    arrival: float  # ms from the run start
+    image_tokens: tuple[int, ...]
+    prompt_len: int  # all prompt tokens, image placeholders included
+    output_len: int
+    pixel_bytes: tuple[int, ...] = ()  # per image; empty: none sent
+    front_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Budgets:
+    prefill_token_budget: int = EngineConfig.prefill_token_budget
+    encode_token_budget: int = EngineConfig.encode_token_budget
+    max_running: int = EngineConfig.max_running
+
+
+@dataclass(frozen=True)
+class Slo:
+    ttft_ms: float
+    tpot_ms: float
+
+
+@dataclass(eq=False)
+class Flight:
+    spec: SimRequest
+    sent: float = 0.0
+    images_left: int = 0
+    computed: int = 0
+    tokens: list[float] = field(default_factory=list)
+    holder: "Node | None" = None
+
+
+@dataclass(eq=False)
+class Node:
+    """One instance: its roles, threads, and the queues of its two workers."""
+
+    name: str
+    roles: frozenset[str]
+    threads: int
+    enc_queue: deque = field(default_factory=deque)  # (flight, tokens, destination node)
+    waiting: list[Flight] = field(default_factory=list)
+    running: list[Flight] = field(default_factory=list)
+    adopting: deque = field(default_factory=deque)
+    enc_busy: bool = False
+    lm_busy: bool = False
+    inflight: int = 0
+    encode_tokens: int = 0
+    draining_to: frozenset[str] | None = None  # role switching: the roles it takes once empty
+
+    def idle(self) -> bool:
+        return not (self.enc_busy or self.lm_busy or self.enc_queue or self.waiting or self.running
+                    or self.adopting or self.inflight)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ttft_ms: tuple[float, ...]  # per finished request
+    tpot_ms: tuple[float, ...]  # per finished request with >= 2 tokens
+    met: int
+    total: int
+    finished: int
+    duration_ms: float
+    switches: int = 0
+
+    @property
+    def attainment(self) -> float:
+        return self.met / self.total if self.total else 0.0
+
+    def p90(self, values: Sequence[float]) -> float:
+        return float(np.percentile(values, 90)) if values else float("nan")
+
+
+def meets(f: Flight, slo: Slo) -> bool:
+    if len(f.tokens) < f.spec.output_len or f.tokens[0] - f.sent > slo.ttft_ms:
+        return False
+    gaps = np.diff(f.tokens)
+    return not len(gaps) or float(np.percentile(gaps, 90)) <= slo.tpot_ms
+
+
+class Simulation:
+    def __init__(self, nodes: Sequence[tuple[str, frozenset[str], int]], costs: Costs, budgets: Budgets,
+                 cores: int | None, max_concurrency: int | None = None) -> None:
+        self.clock = Clock(cores)
+        self.costs, self.budgets, self.cap = costs, budgets, max_concurrency
+        self.nodes = [Node(name, frozenset(roles), threads) for name, roles, threads in nodes]
+        self.flights: list[Flight] = []
+        self.backlog: deque[Flight] = deque()  # sent by nobody yet: the client's concurrency cap
+        self.front: deque[Flight] = deque()
+        self.front_busy = False
+        self.in_client = 0
+        self.switches = 0
+        self.on_switch: Callable[[Node, frozenset[str]], None] | None = None
+
+    # ---- the client and the API server --------------------------------------------------------------
+    def run(self, requests: Sequence[SimRequest], slo: Slo, horizon_ms: float = float("inf")) -> Outcome:
+        for spec in requests:
+            flight = Flight(spec)
+            self.flights.append(flight)
+            self.clock.at(spec.arrival, lambda f=flight: self._arrive(f))
+        self.clock.run(horizon_ms)
+        return self._outcome(slo)
+
+    def _arrive(self, f: Flight) -> None:
+        if self.cap is not None and self.in_client >= self.cap:
+            self.backlog.append(f)
+            return
+        self.in_client += 1
+        f.sent = self.clock.now
+        self.front.append(f)
+        self._poll_front()
+
+    def _poll_front(self) -> None:
+        if self.front_busy or not self.front:
+            return
+        f = self.front.popleft()
+        self.front_busy = True
+        self.clock.start(f.spec.front_ms, 1, lambda: self._front_done(f))
+
+    def _front_done(self, f: Flight) -> None:
+        self.front_busy = False
+        self._dispatch(f)
+        self._poll_front()
+
+    def _finish(self, f: Flight, node: Node) -> None:
+        node.running.remove(f) if f in node.running else None
+        node.inflight -= 1
+        self.in_client -= 1
+        if self.backlog:
+            self._arrive(self.backlog.popleft())
+        self._maybe_switch(node)
+
+    # ---- the router ---------------------------------------------------------------------------------
+    def serving(self, role: str) -> list[Node]:
+        return [n for n in self.nodes if role in n.roles and n.draining_to is None]
+
+    def _dispatch(self, f: Flight) -> None:
+        p = min(self.serving("P"), key=lambda n: (n.inflight, len(n.waiting)))
+        p.inflight += 1
+        f.holder = p
+        f.images_left = len(f.spec.image_tokens)
+        pixels = f.spec.pixel_bytes or (0,) * len(f.spec.image_tokens)
+        extra: dict[str, int] = {}
+        for tokens, nbytes in zip(f.spec.image_tokens, pixels):
+            e = p if "E" in p.roles else self._pick_encoder(extra)
+            extra[e.name] = extra.get(e.name, 0) + tokens
+            e.encode_tokens += tokens
+            self.clock.after(self.costs.transfer_ms(nbytes), lambda e=e, t=tokens: self._queue_encode(e, f, t, p))
+        p.waiting.append(f)
+        self._poll_lm(p)
+
+    def _pick_encoder(self, extra: dict[str, int]) -> Node:
+        return min(self.serving("E"), key=lambda n: (n.encode_tokens + extra.get(n.name, 0), n.inflight))
+
+    def _pick_decode(self) -> Node:
+        return min(self.serving("D"), key=lambda n: (n.inflight, len(n.running)))
+
+    # ---- the encoder worker -------------------------------------------------------------------------
+    def _queue_encode(self, e: Node, f: Flight, tokens: int, dest: Node) -> None:
+        e.enc_queue.append((f, tokens, dest))
+        self._poll_encoder(e)
+
+    def _poll_encoder(self, e: Node) -> None:
+        if e.enc_busy or not e.enc_queue:
+            return
+        batch = [e.enc_queue.popleft()]
+        tokens = batch[0][1]
+        while e.enc_queue and tokens < self.budgets.encode_token_budget:
+            batch.append(e.enc_queue.popleft())
+            tokens += batch[-1][1]
+        e.enc_busy = True
+        work = self.costs.encode_ms([t for _, t, _ in batch], e.threads)
+        self.clock.start(work, e.threads, lambda: self._encoded(e, batch))
+
+    def _encoded(self, e: Node, batch: list) -> None:
+        e.enc_busy = False
+        for f, tokens, dest in batch:
+            e.encode_tokens -= tokens
+            if dest is e:
+                self._image_ready(f, dest)
+            else:
+                nbytes = tokens * self.costs.embed_bytes_per_token
+                self.clock.after(self.costs.transfer_ms(nbytes), lambda f=f, d=dest: self._image_ready(f, d))
+        self._poll_encoder(e)
+        self._maybe_switch(e)
+
+    def _image_ready(self, f: Flight, p: Node) -> None:
+        f.images_left -= 1
+        self._poll_lm(p)
+
+    # ---- the LM worker: one scheduler step ----------------------------------------------------------
+    def _poll_lm(self, n: Node) -> None:
+        if n.lm_busy:
+            return
+        while n.adopting:
+            n.running.append(n.adopting.popleft())
+        decode = list(n.running)
+        chunks = self._prefill_chunks(n) if "P" in n.roles else []
+        if not decode and not chunks:
+            return
+        ctx = sum(f.spec.prompt_len + len(f.tokens) for f in decode) / len(decode) if decode else 0.0
+        work = self.costs.decode_ms(len(decode), ctx, n.threads) if decode else 0.0
+        if chunks:
+            work += self.costs.prefill_ms(sum(k for _, k in chunks), n.threads)
+        n.lm_busy = True
+        self.clock.start(work, n.threads, lambda: self._stepped(n, decode, chunks))
+
+    def _prefill_chunks(self, n: Node) -> list[tuple[Flight, int]]:
+        chunks: list[tuple[Flight, int]] = []
+        budget = self.budgets.prefill_token_budget
+        for f in n.waiting:
+            if budget <= 0 or len(n.running) + len(chunks) >= self.budgets.max_running:
+                break
+            if f.images_left:
+                continue
+            k = min(f.spec.prompt_len - f.computed, budget)
+            chunks.append((f, k))
+            budget -= k
+        return chunks
+
+    def _stepped(self, n: Node, decode: list[Flight], chunks: list[tuple[Flight, int]]) -> None:
+        n.lm_busy = False
+        now = self.clock.now
+        for f in decode:
+            f.tokens.append(now)
+            if len(f.tokens) >= f.spec.output_len:
+                self._finish(f, n)
+        for f, k in chunks:
+            f.computed += k
+            if f.computed == f.spec.prompt_len:
+                n.waiting.remove(f)
+                f.tokens.append(now)
+                self._prefilled(f, n)
+        self._poll_lm(n)
+        self._maybe_switch(n)
+
+    def _prefilled(self, f: Flight, p: Node) -> None:
+        if len(f.tokens) >= f.spec.output_len:
+            self._finish(f, p)
+        elif "D" in p.roles:
+            p.running.append(f)
+        else:
+            p.inflight -= 1
+            d = self._pick_decode()
+            d.inflight += 1
+            f.holder = d
+            delay = self.costs.transfer_ms(f.spec.prompt_len * self.costs.kv_bytes_per_token)
+            self.clock.after(delay, lambda: self._adopt(d, f))
+            self._maybe_switch(p)
+
+    def _adopt(self, d: Node, f: Flight) -> None:
+        d.adopting.append(f)
+        self._poll_lm(d)
+
+    # ---- role switching (driven from outside; see switching.py) -------------------------------------
+    def request_switch(self, node: Node, roles: frozenset[str]) -> None:
+        """Stop routing new work to `node`; once its in-flight work is done it serves `roles`."""
+        node.draining_to = frozenset(roles)
+        self._maybe_switch(node)
+
+    def _maybe_switch(self, node: Node) -> None:
+        if node.draining_to is None or not node.idle():
+            return
+        roles, node.roles, node.draining_to = node.roles, node.draining_to, None
+        self.switches += 1
+        if self.on_switch is not None:
+            self.on_switch(node, roles)
+
+    # ---- the result ---------------------------------------------------------------------------------
+    def _outcome(self, slo: Slo) -> Outcome:
+        done = [f for f in self.flights if f.tokens and len(f.tokens) >= f.spec.output_len]
+        ttft = tuple(f.tokens[0] - f.sent for f in done)
+        tpot = tuple((f.tokens[-1] - f.tokens[0]) / (len(f.tokens) - 1) for f in done if len(f.tokens) > 1)
+        return Outcome(ttft, tpot, sum(meets(f, slo) for f in done), len(self.flights), len(done),
+                       self.clock.now, self.switches)

@@ -1,0 +1,149 @@
+"""The planner's simulator against queueing cases worked out by hand (one stage, known service times)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from runtime.planner.clock import Clock
+from runtime.planner.sim import Budgets, SimRequest, Simulation, Slo
+
+LOOSE = Slo(ttft_ms=1e9, tpot_ms=1e9)
+EPD = [("EPD0", frozenset("EPD"), 1)]
+
+
+@dataclass
+class Fixed:
+    """Constant service times, so that every wait can be computed by hand."""
+
+    encode: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+    transfer: float = 0.0
+    kv_bytes_per_token: int = 0
+    embed_bytes_per_token: int = 0
+
+    def encode_ms(self, image_tokens, threads):
+        return self.encode * len(image_tokens)
+
+    def prefill_ms(self, tokens, threads):
+        return self.prefill
+
+    def decode_ms(self, batch, context, threads):
+        return self.decode
+
+    def transfer_ms(self, nbytes):
+        return self.transfer
+
+
+def requests(arrivals, output_len=1, images=(), prompt_len=10):
+    return [SimRequest(a, tuple(images), prompt_len, output_len) for a in arrivals]
+
+
+def one_at_a_time(prompt_len=10):
+    return Budgets(prefill_token_budget=prompt_len, encode_token_budget=1, max_running=256)
+
+
+def test_fifo_waits_of_a_deterministic_single_server_queue():
+    # D/D/1: arrivals every 50 ms, service 100 ms, one request per batch. Request i starts when
+    # request i-1 ends, at 100 i, so its TTFT is 100 (i + 1) - 50 i = 100 + 50 i.
+    sim = Simulation(EPD, Fixed(prefill=100.0), one_at_a_time(), cores=None)
+    out = sim.run(requests([50.0 * i for i in range(6)]), LOOSE)
+    assert out.ttft_ms == pytest.approx([100, 150, 200, 250, 300, 350], abs=1e-9)
+    assert out.finished == out.total == 6
+
+
+def test_an_idle_server_serves_each_arrival_at_once():
+    # arrivals 200 ms apart, service 100 ms: nobody waits.
+    sim = Simulation(EPD, Fixed(prefill=100.0), one_at_a_time(), cores=None)
+    assert sim.run(requests([0, 200, 400]), LOOSE).ttft_ms == pytest.approx([100] * 3, abs=1e-9)
+
+
+def test_a_token_budget_of_two_prompts_batches_them():
+    # budget 20 tokens = two 10-token prompts per step of 100 ms; four arrive at t=0, one after the
+    # other: the first step starts with the first alone (as the engine would) and ends at 100; the
+    # next two share the step [100, 200]; the last runs [200, 300].
+    sim = Simulation(EPD, Fixed(prefill=100.0), one_at_a_time(20), cores=None)
+    assert sim.run(requests([0, 0, 0, 0]), LOOSE).ttft_ms == pytest.approx([100, 200, 200, 300], abs=1e-9)
+
+
+def test_a_long_prompt_is_chunked_by_the_budget():
+    # 25 tokens with a 10-token budget: three steps of 100 ms -> first token at 300.
+    sim = Simulation(EPD, Fixed(prefill=100.0), one_at_a_time(10), cores=None)
+    assert sim.run(requests([0], prompt_len=25), LOOSE).ttft_ms == pytest.approx([300], abs=1e-9)
+
+
+def test_decode_steps_give_the_inter_token_gaps_and_tpot():
+    # prefill 100, then 4 decode steps of 20 ms each: tokens at 100, 120, 140, 160, 180.
+    sim = Simulation(EPD, Fixed(prefill=100.0, decode=20.0), one_at_a_time(), cores=None)
+    out = sim.run(requests([0], output_len=5), Slo(100.0, 20.0))
+    assert out.ttft_ms == pytest.approx([100], abs=1e-9)
+    assert out.tpot_ms == pytest.approx([20], abs=1e-9)
+    assert out.met == 1
+    assert sim.run(requests([0], output_len=5), Slo(99.0, 20.0)).met == 0  # a fresh sim misses TTFT by 1 ms
+
+
+def test_a_prefill_joins_the_decode_step():
+    # Two requests, both 3 tokens. A at 0: prefill [0,100]. B at 50 waits; step 2 = decode A + prefill B
+    # = 20 + 100 -> B's first token and A's second at 220; step 3 decodes both: 240.
+    sim = Simulation(EPD, Fixed(prefill=100.0, decode=20.0), one_at_a_time(), cores=None)
+    out = sim.run(requests([0, 50], output_len=3), LOOSE)
+    assert out.ttft_ms == pytest.approx([100, 170], abs=1e-9)
+    flights = sim.flights
+    assert flights[0].tokens == pytest.approx([100, 220, 240], abs=1e-9)
+    assert flights[1].tokens == pytest.approx([220, 240, 260], abs=1e-9)
+
+
+def test_encode_then_prefill_on_separate_instances_with_transfers():
+    # E encodes one image in 30 ms, the embedding travels 5 ms, P prefills in 100 ms (P-only), the KV
+    # travels 5 ms, D decodes in 20 ms: first token at 5 + 30 + 5 + 100 = 140 (pixels travel 5 too),
+    # second at 140 + 5 + 20 = 165.
+    nodes = [("E0", frozenset("E"), 1), ("P0", frozenset("P"), 1), ("D0", frozenset("D"), 1)]
+    sim = Simulation(nodes, Fixed(encode=30.0, prefill=100.0, decode=20.0, transfer=5.0), one_at_a_time(),
+                     cores=None)
+    sim.run(requests([0], output_len=2, images=(4,)), LOOSE)
+    assert sim.flights[0].tokens == pytest.approx([140, 165], abs=1e-9)
+
+
+def test_two_encoders_split_a_requests_images():
+    # Two images, two E instances: encoded in parallel (30 ms), not one after the other (60 ms).
+    nodes = [("E0", frozenset("E"), 1), ("E1", frozenset("E"), 1), ("PD0", frozenset("PD"), 1)]
+    sim = Simulation(nodes, Fixed(encode=30.0, prefill=100.0), one_at_a_time(), cores=None)
+    assert sim.run(requests([0], images=(4, 4)), LOOSE).ttft_ms == pytest.approx([130], abs=1e-9)
+
+
+def test_a_full_client_holds_requests_back():
+    # max_concurrency 1: the second request is only sent when the first finishes (t=100), so its TTFT
+    # from its own send is 100, not 200.
+    sim = Simulation(EPD, Fixed(prefill=100.0), one_at_a_time(), cores=None, max_concurrency=1)
+    assert sim.run(requests([0, 0]), LOOSE).ttft_ms == pytest.approx([100, 100], abs=1e-9)
+
+
+def test_the_front_end_is_one_fifo_thread():
+    # 10 ms of preprocessing each, three at t=0: dispatched at 10, 20, 30; prefill 5 ms each, one at a time.
+    reqs = [SimRequest(0.0, (), 10, 1, front_ms=10.0) for _ in range(3)]
+    sim = Simulation(EPD, Fixed(prefill=5.0), one_at_a_time(), cores=None)
+    assert sim.run(reqs, LOOSE).ttft_ms == pytest.approx([15, 25, 35], abs=1e-9)
+
+
+def test_processor_sharing_slows_jobs_that_overlap_on_too_few_cores():
+    # Two 1-thread jobs of 100 ms on one core, started together: both end at 200.
+    # Started 50 ms apart: the first runs alone 50 ms, then both at half speed: it ends at 150,
+    # the second has 50 ms done then and ends alone at 200.
+    for gap, ends in ((0.0, [200, 200]), (50.0, [150, 200])):
+        assert overlapping_jobs(gap) == pytest.approx(ends, abs=1e-9)
+
+
+def overlapping_jobs(gap: float) -> list[float]:
+    clock, done = Clock(cores=1), []
+    clock.start(100.0, 1, lambda: done.append(clock.now))
+    clock.at(gap, lambda: clock.start(100.0, 1, lambda: done.append(clock.now)))
+    clock.run()
+    return done
+
+
+def test_attainment_counts_requests_that_never_finished_as_misses():
+    sim = Simulation(EPD, Fixed(prefill=100.0), one_at_a_time(), cores=None)
+    out = sim.run(requests([0, 0, 0]), Slo(150.0, 1e9), horizon_ms=250.0)
+    assert (out.met, out.finished, out.total) == (1, 2, 3)
+    assert out.attainment == pytest.approx(1 / 3)
