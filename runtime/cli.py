@@ -56,10 +56,17 @@ def _register_bench(subparsers: "argparse._SubParsersAction") -> None:
     add_bench_parser(subparsers)
 
 
+def _register_plan(subparsers: "argparse._SubParsersAction") -> None:
+    from runtime.planner.cli import add_plan_parser
+
+    add_plan_parser(subparsers)
+
+
 SUBCOMMANDS: dict[str, Registrar] = {
     "make-tiny-model": _register_make_tiny_model,
     "serve": _register_serve,
     "bench": _register_bench,
+    "plan": _register_plan,
 }
 
 

@@ -13,7 +13,7 @@ RUNTIME = ROOT / "runtime"
 # reads the model's config object, so it sits just above models (and below everything that uses it).
 RANK = {"runtime.config": 0, "runtime.messages": 0, "runtime.tiny_model": 0, "runtime.models": 1,
         "runtime.preprocess": 1.5, "runtime.engine": 2, "runtime.cluster": 3, "runtime.server": 4,
-        "runtime.cli": 5, "runtime.quickstart": 5, "runtime": 5}
+        "runtime.planner": 4.5, "runtime.cli": 5, "runtime.quickstart": 5, "runtime": 5}
 
 
 def module_name(path: Path) -> str:
