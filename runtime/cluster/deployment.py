@@ -40,7 +40,9 @@ class DeploymentError(RuntimeError):
 class Deployment:
     def __init__(self, model: str | Path, instances: str | Topology = "EPD", *, transfer: str = "shm",
                  ready_timeout_s: float = 300.0, max_waiting_requests: int | None = None,
-                 **engine_overrides: Any) -> None:
+                 ray: str | None = None, placement_timeout_s: float = 60.0, **engine_overrides: Any) -> None:
+        """`ray`: place the instances on a Ray cluster (`auto`, `HOST:PORT`, `ray://HOST:PORT`, or `local`
+        for a private one); without it they are child processes here and Ray is not imported."""
         self.model_path = str(model)
         self.topology = instances if isinstance(instances, Topology) else parse_topology(instances)
         self.processor = Processor(model)
@@ -52,14 +54,27 @@ class Deployment:
         for opt in (zmq.ROUTER_MANDATORY, zmq.ROUTER_HANDOVER):
             self._sock.setsockopt(opt, 1)
         self._sock.setsockopt(zmq.LINGER, 0)
-        port = self._sock.bind_to_random_port("tcp://127.0.0.1")
-        base = InstanceConfig(name="", roles="", model=self.model_path, router_addr=f"tcp://127.0.0.1:{port}",
+        self.ray = _connect_ray(ray, self.topology)
+        host = self.ray.host if self.ray else "127.0.0.1"
+        port = self._sock.bind_to_random_port(f"tcp://{host}")
+        base = InstanceConfig(name="", roles="", model=self.model_path, router_addr=f"tcp://{host}:{port}",
                               transfer=transfer, segment_prefix=self.segment_prefix,
                               engine_overrides=engine_overrides)
-        self.launcher = Launcher(self.topology, base, self._log_dir)
         page_size = engine_overrides.get("page_size", EngineConfig.page_size)
-        self.router = Router(self._sock, make_transfer(transfer, self.segment_prefix), page_size,
-                             self.processor.image_token_id, self.launcher.reap)
+        if self.ray is None:
+            self.launcher = Launcher(self.topology, base, self._log_dir)
+            router_cls, router_transfer = Router, make_transfer(transfer, self.segment_prefix)
+        else:
+            from runtime.cluster.node_transfer import NodeTransfer
+            from runtime.cluster.ray_placement import RayLauncher
+            from runtime.cluster.ray_router import RayRouter
+
+            self.launcher = RayLauncher(self.topology, base, self.ray, placement_timeout_s)
+            router_cls, router_transfer = RayRouter, NodeTransfer(self.segment_prefix, self.ray.node_id)
+        self.router = router_cls(self._sock, router_transfer, page_size, self.processor.image_token_id,
+                                 self.launcher.reap)
+        if self.ray is not None:
+            self.launcher.router = self.router
         self.router.roles = {spec.name: spec.roles for spec in self.topology.instances}
         self.router.max_waiting = max_waiting_requests
         self._ready: set[str] = set()
@@ -68,7 +83,11 @@ class Deployment:
         self._thread = threading.Thread(target=self.router.run, name="router", daemon=True)
         self._closed = False
         self._thread.start()
-        self.launcher.start_all()
+        try:
+            self.launcher.start_all()
+        except Exception as exc:
+            self.shutdown()
+            raise DeploymentError(f"topology {self.topology.spec}: {exc}") from exc
         self._wait_ready(ready_timeout_s)
 
     # ---- start-up ---------------------------------------------------------------------------------
@@ -163,9 +182,14 @@ class Deployment:
                  for v in list(self.router.views.values())}
         total |= {f"router_{k}": v for k, v in self.router.stats.items()}
         pids = self.launcher.pids()
+        placement = self.router.placement() if self.ray else {"instances": {}}
         total["instances"] = {name: {**describe(spec), **per.get(name, {}), **views.get(name, {}),
-                                     "pid": pids.get(name), "ready": name in self.router.views}
+                                     "pid": pids.get(name), "ready": name in self.router.views,
+                                     **placement["instances"].get(name, {})}
                               for name, spec in self.launcher.specs.items()}
+        if self.ray:
+            total["ray"] = {"address": self.ray.address, "router_node_id": self.ray.node_id,
+                            "router_address": self.ray.host, "links": placement["links"]}
         return total
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -188,6 +212,8 @@ class Deployment:
         finally:  # whatever failed above, a socket left open would hang zmq's context at exit
             self._sock.close(0)
             self._ctx.term()
+            if self.ray is not None:
+                self.ray.close()
             leftovers = sweep_segments(self.segment_prefix)
             if leftovers:
                 log.info("removed %d shared-memory segments left in flight", len(leftovers))
@@ -198,3 +224,11 @@ class Deployment:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def _connect_ray(address: str | None, topology: Topology) -> Any:
+    if address is None:
+        return None
+    from runtime.cluster.ray_placement import RayCluster, local_cpus
+
+    return RayCluster(address, num_cpus=local_cpus(topology) if address == "local" else None)

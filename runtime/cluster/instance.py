@@ -20,6 +20,7 @@ import zmq
 
 from epdlang.errors import EpdError
 from runtime.cluster import wire
+from runtime.cluster.node_transfer import NodeTransfer
 from runtime.cluster.role_engine import RoleEngine
 from runtime.cluster.transfer import make_transfer
 from runtime.cluster.wire import (
@@ -30,6 +31,7 @@ from runtime.cluster.wire import (
     EncodeJob,
     Handoff,
     Outputs,
+    Peers,
     Ready,
     Rejected,
     Shutdown,
@@ -51,12 +53,15 @@ class InstanceConfig:
     threads: int | None = None
     cores: tuple[int, ...] | None = None
     engine_overrides: dict[str, Any] = field(default_factory=dict)
+    node_id: str = ""  # on Ray: the node it runs on; tensors then go shm or tcp by the receiver's node
+    address: str = ""
 
 
 class Instance:
     def __init__(self, cfg: InstanceConfig) -> None:
         self.cfg, self.parent = cfg, os.getppid()
-        self.transfer = make_transfer(cfg.transfer, cfg.segment_prefix)
+        self.transfer = (NodeTransfer(cfg.segment_prefix, cfg.node_id) if cfg.node_id
+                         else make_transfer(cfg.transfer, cfg.segment_prefix))
         self.engine = RoleEngine(cfg.model, frozenset(cfg.roles), self.transfer, **cfg.engine_overrides)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -72,7 +77,7 @@ class Instance:
         self.sock.send_multipart(wire.encode(msg) + (frames or []), copy=False)
 
     def serve(self) -> None:
-        self.send(Ready(self.cfg.name, os.getpid()))
+        self.send(Ready(self.cfg.name, os.getpid(), self.cfg.node_id, self.cfg.address))
         while self.running and os.getppid() == self.parent:
             can_step = self.engine.has_unfinished() and not self.engine.idle
             events = dict(self.poller.poll(0 if can_step else 50))
@@ -124,6 +129,8 @@ class Instance:
             self.send(self._control(msg))
         elif isinstance(msg, Shutdown):
             self.running = False
+        elif isinstance(msg, Peers) and isinstance(self.transfer, NodeTransfer):
+            self.transfer.nodes, self.transfer.roles = dict(msg.nodes), dict(msg.roles)
 
     def _open_pixels(self, images, data: list) -> dict[str, torch.Tensor]:
         sent = list({im.content_hash: im for im in images if im.pixels is not None}.values())
@@ -163,7 +170,10 @@ class Instance:
     def _flush_outbox(self) -> None:
         while self.engine.outbox:
             msg = self.engine.outbox.popleft()
-            self.send(msg, wire.data_frames(self.transfer, msg))
+            if isinstance(self.transfer, NodeTransfer):
+                self.send(*self.transfer.outgoing(msg))
+            else:
+                self.send(msg, wire.data_frames(self.transfer, msg))
 
     def _report_load(self) -> None:
         """Send the load when it changed (at most every LOAD_INTERVAL_S), and at least once a second."""

@@ -17,7 +17,7 @@ import yaml
 ROLES = "EPD"
 MAX_INSTANCES = 16
 _ITEM = re.compile(r"([+-]?\d+)?([A-Za-z]+)")
-_YAML_ITEM_KEYS = {"roles", "count", "threads", "cores", "gpu"}
+_YAML_ITEM_KEYS = {"roles", "count", "threads", "cores", "gpu", "num_cpus", "num_gpus", "resources"}
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,10 @@ class InstanceSpec:
     threads: int | None = None  # torch CPU threads
     cores: tuple[int, ...] | None = None  # CPU affinity (os.sched_setaffinity)
     gpu: int | None = None
+    # Placement on Ray (`--ray`): what the instance asks the cluster for; CPUs default to `threads`.
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    resources: tuple[tuple[str, float], ...] = ()  # e.g. (("node:10.0.0.2", 0.01),) pins it to that node
 
     def __post_init__(self) -> None:
         if not self.roles or not self.roles <= set(ROLES):
@@ -37,6 +41,10 @@ class InstanceSpec:
             raise ValueError(f"instance {self.name}: cores must be a non-empty list of core ids, got {self.cores!r}")
         if self.gpu is not None and not _is_int(self.gpu, 0):
             raise ValueError(f"instance {self.name}: gpu must be an integer >= 0, got {self.gpu!r}")
+        for key, amount in (("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus), *self.resources):
+            if amount is not None and not (isinstance(amount, (int, float)) and not isinstance(amount, bool)
+                                           and amount >= 0):
+                raise ValueError(f"instance {self.name}: {key} must be a number >= 0, got {amount!r}")
 
     @property
     def role_str(self) -> str:
@@ -139,7 +147,18 @@ def _yaml_item(raw: Any, where: str) -> dict[str, Any]:
         "threads": raw.get("threads"),
         "cores": None if cores is None else tuple(cores),
         "gpu": raw.get("gpu"),
+        "num_cpus": raw.get("num_cpus"),
+        "num_gpus": raw.get("num_gpus"),
+        "resources": _resources(raw.get("resources"), where),
     }
+
+
+def _resources(raw: Any, where: str) -> tuple[tuple[str, float], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: resources must be a mapping of resource name to amount, got {raw!r}")
+    return tuple(sorted((str(k), v) for k, v in raw.items()))
 
 
 def _no_unknown_keys(mapping: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -163,6 +182,9 @@ def _instances(items: list[dict[str, Any]], default_threads: int) -> Iterable[In
                 threads=default_threads if threads is None else threads,
                 cores=item.get("cores"),
                 gpu=item.get("gpu"),
+                num_cpus=item.get("num_cpus"),
+                num_gpus=item.get("num_gpus"),
+                resources=item.get("resources", ()),
             )
 
 

@@ -106,11 +106,21 @@ class Shutdown:
     pass
 
 
+@dataclass(frozen=True)
+class Peers:
+    """Where every ready instance runs (Ray node ids) and its roles: senders pick shm or tcp by it."""
+
+    nodes: dict[str, str]
+    roles: dict[str, str]
+
+
 # ---- instance -> router -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Ready:
     name: str
     pid: int
+    node_id: str = ""  # the Ray node it runs on ("" outside Ray)
+    address: str = ""  # that node's IP address
 
 
 @dataclass(frozen=True)
@@ -161,7 +171,7 @@ class ControlReply:
 
 
 MESSAGES: dict[str, type] = {cls.__name__: cls for cls in (
-    Submit, EncodeJob, Embedding, Handoff, Abort, Control, Shutdown,
+    Submit, EncodeJob, Embedding, Handoff, Abort, Control, Shutdown, Peers,
     Ready, Outputs, Rejected, EncodeDone, NeedEncode, Load, ControlReply)}
 
 _encoder = msgspec.msgpack.Encoder()
