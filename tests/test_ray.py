@@ -79,6 +79,13 @@ def reference(tiny_model_dir) -> dict[str, tuple[int, ...]]:
     return {name: engine.generate(dict(req), GREEDY)[0].token_ids for name, req in cases().items()}
 
 
+def wait_for(condition, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s}s"
+        time.sleep(0.05)
+
+
 def links(dep: Deployment) -> dict[tuple[str, str], set[str]]:
     out: dict[tuple[str, str], set[str]] = {}
     for link in dep.snapshot_now()["ray"]["links"]:
@@ -141,3 +148,77 @@ def all_free(timeout_s: float = 15.0) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+LOAD = SamplingParams(max_new_tokens=24, ignore_eos=True)
+
+
+def load_cases() -> dict[str, dict]:
+    return {c: {"messages": _user(make_image(c, (112, 112)), "Describe it.")} for c in ("red", "green", "blue")}
+
+
+def test_node_removed_under_load(cluster, tiny_model_dir, tmp_path):
+    """P and D on node a, E on the head. Node a goes away under load: the router hears of it within 5 s,
+    requests that streamed nothing are retried, the others fail clearly at once; a new node with a's
+    resources takes the bundles, Ray restarts both actors there, and later requests are answered."""
+    import asyncio
+    import threading
+
+    from deployment_helpers import collect
+
+    c, nodes = cluster
+    engine = Engine(tiny_model_dir, **ENGINE_ARGS)
+    expected = {name: engine.generate(dict(req), LOAD)[0].token_ids for name, req in load_cases().items()}
+    del engine
+    spec = topology(tmp_path, ("E", "h"), ("P", "a"), ("D", "a"))
+    with Deployment(tiny_model_dir, spec, ray="auto", ready_timeout_s=120, **ENGINE_ARGS) as dep:
+        prefix, old_node = dep.segment_prefix, node_of(dep, "P0")
+        results: list[tuple[str, object, float]] = []
+        stop = threading.Event()
+
+        async def worker(i: int) -> None:
+            names = list(expected)
+            while not stop.is_set():
+                name = names[(i + len(results)) % len(names)]
+                out = await collect(dep, prepare(dep, load_cases()[name], LOAD))
+                results.append((name, out, time.monotonic()))
+
+        async def load() -> None:
+            await asyncio.wait_for(asyncio.gather(*(worker(i) for i in range(3))), 200)
+
+        def answered_after(t: float) -> int:
+            return len([r for r in results if r[2] > t])
+
+        loader = threading.Thread(target=asyncio.run, args=(load(),), daemon=True)
+        loader.start()
+        try:  # Ray adds nodes from the main thread only (it installs signal handlers)
+            wait_for(lambda: len(results) >= 3, 60)
+            removed_at = time.monotonic()
+            c.remove_node(nodes["a"])
+            wait_for(lambda: dep.router.stats["instance_deaths"] >= 2, 10)
+            noticed_at = time.monotonic()
+            nodes["a"] = c.add_node(**NODE, resources={"a": 4})
+            wait_for(lambda: {"P0", "D0"} <= set(dep.router.views), 120)
+            back_at = time.monotonic()
+            wait_for(lambda: answered_after(back_at) >= 3, 60)
+        finally:
+            stop.set()
+            loader.join(60)
+        assert noticed_at - removed_at < 5, f"the router heard of the dead node after {noticed_at - removed_at:.1f}s"
+        assert {"P0", "D0"} <= set(dep.router.views), "the instances did not come back"
+        assert node_of(dep, "P0") != old_node
+        failed = 0
+        for name, out, ended in results:
+            assert not isinstance(out, BaseException), out
+            if out[-1].finish_reason == "error":
+                failed += 1
+                assert "failed while serving" in out[-1].error and ended - removed_at < 5, out[-1]
+            else:
+                assert tokens(out) == expected[name], name
+        print(f"node removed: death noticed after {noticed_at - removed_at:.2f}s, back after "
+              f"{back_at - removed_at:.1f}s; {len(results)} answered, {failed} failed, "
+              f"{dep.router.stats['retried']} retried")
+        assert len([r for r in results if r[2] > back_at]) >= 3 and len(results) - failed >= 6
+        assert dep.router.stats["retried"] + failed >= 1  # something was in flight on node a
+    assert not list_segments(prefix)
+    assert all_free()
