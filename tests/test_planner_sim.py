@@ -147,3 +147,13 @@ def test_attainment_counts_requests_that_never_finished_as_misses():
     out = sim.run(requests([0, 0, 0]), Slo(150.0, 1e9), horizon_ms=250.0)
     assert (out.met, out.finished, out.total) == (1, 2, 3)
     assert out.attainment == pytest.approx(1 / 3)
+
+
+def test_tokens_reach_the_client_after_the_api_server_streams_them():
+    # One API-server worker: 10 ms preprocessing, then 2 ms per streamed token. Prefill [10, 110] -> the
+    # first token is streamed [110, 112]; the decode step [110, 130] -> the second is streamed [130, 132].
+    stream = Fixed(prefill=100.0, decode=20.0)
+    stream.stream_ms_per_token = 2.0
+    sim = Simulation(EPD, stream, one_at_a_time(), cores=None)
+    sim.run([SimRequest(0.0, (), 10, 2, front_ms=10.0)], LOOSE)
+    assert sim.flights[0].tokens == pytest.approx([112, 132], abs=1e-9)

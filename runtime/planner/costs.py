@@ -38,6 +38,7 @@ class ProfileCosts:
         self.fixed_ms, self.ms_per_byte = float(plane["fixed_ms"]), float(plane["ms_per_byte"])
         self.kv_bytes_per_token = int(profile["kv_bytes_per_token"])
         self.embed_bytes_per_token = int(profile["embed_bytes_per_token"])
+        self.stream_ms_per_token = float(profile.get("stream_ms_per_token", 0.0))
 
     def _table(self, threads: int) -> dict[str, Any]:
         fitting = [t for t in self.tables if t <= threads]

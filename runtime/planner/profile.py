@@ -6,7 +6,10 @@ least disturbed by other programs on the machine, as in runtime/engine/calibrate
 - prefill: one engine step (forward and sampling) over a prompt of N tokens;
 - decode: one engine step of B running requests at context C;
 - transfer: hand-over of N bytes on each data plane (shm, zmq), fitted as fixed + per-byte;
-- front: the API server's preprocessing of a request (image decode, patchify, tokenize).
+- front: the API server's preprocessing of a request (image decode, patchify, tokenize);
+- stream: the CPU one streamed token costs between the engine and the client (wire encode, zmq over
+  TCP loopback, decode, the SSE chunk's JSON and the client's parse of it): a lower bound, since
+  asyncio, HTTP framing and the client's event loop are left out.
 Measurements the cache lacks (a new image size, say) are taken and added when first needed.
 """
 from __future__ import annotations
@@ -178,6 +181,37 @@ class Profiler:
     def transfers(self) -> None:
         if "transfer" not in self.data:
             self.data["transfer"] = {name: fit_transfer(name) for name in ("shm", "zmq")}
+        if "stream_ms_per_token" not in self.data:
+            self.data["stream_ms_per_token"] = stream_ms_per_token()
+
+
+def stream_ms_per_token(tokens: int = 200) -> float:
+    import zmq
+
+    from runtime.cluster import wire
+    from runtime.messages import RequestOutput
+
+    ctx = zmq.Context()
+    tx, rx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    port = tx.bind_to_random_port("tcp://127.0.0.1")
+    rx.connect(f"tcp://127.0.0.1:{port}")
+    out = RequestOutput(rid="chatcmpl-" + "0" * 24, new_token_ids=(42,), new_text=" word", completion_tokens=1)
+
+    def stream() -> None:
+        for _ in range(tokens):
+            tx.send_multipart(wire.encode(wire.Outputs((out,))))
+            msg, _ = wire.decode(rx.recv_multipart())
+            delta = {"content": msg.outputs[0].new_text}
+            chunk = json.dumps({"id": msg.outputs[0].rid, "object": "chat.completion.chunk", "model": "m",
+                                "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            json.loads(f"data: {chunk}\n\n"[6:])
+
+    try:
+        return best_ms(stream) / tokens
+    finally:
+        tx.close(0)
+        rx.close(0)
+        ctx.term()
 
 
 def fit_transfer(name: str) -> dict[str, float]:

@@ -4,6 +4,7 @@ least 90% of requests meet the SLO (the same definition, and with a rate list th
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -12,9 +13,11 @@ from runtime.planner.sim import Budgets, Costs, Outcome, Simulation, Slo
 from runtime.planner.workload import Shape, schedule
 
 GOODPUT_ATTAINMENT = 0.9
+Setup = Callable[[Simulation], None]
 PARTITIONS = (("EPD",), ("E", "PD"), ("EP", "D"), ("ED", "P"), ("E", "P", "D"))
 BISECTIONS = 6
 MIN_RATE = 1 / 64
+ITEM = re.compile(r"(\d+)?([EPDepd]+)")
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,8 @@ class Resources:
     threads_per_instance: int | None = None  # None: the cores split evenly, as `epd serve` does
 
     def nodes(self, spec: str) -> list[tuple[str, frozenset[str], int]]:
+        if self.gpus:
+            return gpu_nodes(spec)
         topo = parse_topology(spec, self.cores)
         return [(i.name, i.roles, 1 if self.gpus else (self.threads_per_instance or i.threads or 1))
                 for i in topo.instances]
@@ -40,6 +45,19 @@ class Prediction:
     def as_dict(self) -> dict:
         return {"goodput_rps": round(self.goodput_rps, 4), "ttft_p90_ms": round(self.ttft_p90_ms, 2),
                 "tpot_p90_ms": round(self.tpot_p90_ms, 2)}
+
+
+def gpu_nodes(spec: str) -> list[tuple[str, frozenset[str], int]]:
+    """`[N]ROLES,...` as for `epd serve`, without its 16-instance cap (a cluster plan may have 64)."""
+    nodes = []
+    for item in spec.split(","):
+        m = ITEM.fullmatch(item.strip())
+        if m is None:
+            raise ValueError(f"bad topology item {item!r}")
+        roles = frozenset(m[2].upper())
+        for _ in range(int(m[1] or 1)):
+            nodes.append((f"{''.join(r for r in 'EPD' if r in roles)}{len(nodes)}", roles, 1))
+    return nodes
 
 
 def spec_of(groups: Sequence[str], counts: Sequence[int]) -> str:
@@ -90,32 +108,33 @@ class Planner:
         self.budgets, self.burstiness = budgets or Budgets(), burstiness
         self.seed, self.cap = seed, max_concurrency
 
-    def simulate(self, spec: str, rate: float, setup: Callable[[Simulation], None] | None = None) -> Outcome:
+    def simulate(self, spec: str, rate: float, setup: Setup | None = None) -> Outcome:
         sim = Simulation(self.resources.nodes(spec), self.costs, self.budgets,
                          None if self.resources.gpus else self.resources.cores, self.cap)
         if setup is not None:
             setup(sim)
         return sim.run(schedule(self.shapes, rate, self.burstiness, self.seed), self.slo)
 
-    def predict(self, spec: str, rates: Sequence[float] | None = None) -> Prediction:
+    def predict(self, spec: str, rates: Sequence[float] | None = None, setup: Setup | None = None) -> Prediction:
+        """Goodput of `spec` (at `rates`, or by search); `setup` is applied to every simulation (role switching)."""
         if rates:
-            points = [(r, self.simulate(spec, r).attainment) for r in rates]
+            points = [(r, self.simulate(spec, r, setup).attainment) for r in rates]
         else:
-            points = self._search(spec)
+            points = self._search(spec, setup)
         gp = goodput(points)
-        at = self.simulate(spec, gp) if gp > 0 else self.simulate(spec, min(r for r, _ in points))
+        at = self.simulate(spec, gp if gp > 0 else min(r for r, _ in points), setup)
         return Prediction(spec, gp, at.p90(at.ttft_ms), at.p90(at.tpot_ms), tuple(sorted(points)))
 
-    def _search(self, spec: str) -> list[tuple[float, float]]:
+    def _search(self, spec: str, setup: Setup | None = None) -> list[tuple[float, float]]:
         """From half the capacity bound, double (or halve) the rate until attainment crosses 90%, then bisect."""
         rate = max(MIN_RATE, capacity_bound(spec, self) / 2)
-        points = [(rate, self.simulate(spec, rate).attainment)]
+        points = [(rate, self.simulate(spec, rate, setup).attainment)]
         up = points[0][1] >= GOODPUT_ATTAINMENT
         for _ in range(16):
             if (points[-1][1] >= GOODPUT_ATTAINMENT) != up or (not up and rate <= MIN_RATE):
                 break
             rate = rate * 2 if up else rate / 2
-            points.append((rate, self.simulate(spec, rate).attainment))
+            points.append((rate, self.simulate(spec, rate, setup).attainment))
         passing = [r for r, a in points if a >= GOODPUT_ATTAINMENT]
         failing = [r for r, a in points if a < GOODPUT_ATTAINMENT]
         if not passing or not failing:
@@ -123,7 +142,7 @@ class Planner:
         lo, hi = max(passing), min(r for r in failing if r > max(passing))
         for _ in range(BISECTIONS):
             mid = (lo + hi) / 2
-            att = self.simulate(spec, mid).attainment
+            att = self.simulate(spec, mid, setup).attainment
             points.append((mid, att))
             lo, hi = (mid, hi) if att >= GOODPUT_ATTAINMENT else (lo, mid)
         return points

@@ -2,7 +2,9 @@
 
 What it models, as the code does it (runtime/cluster/router.py, runtime/engine/scheduler.py):
 - a client that sends each request at its arrival time, at most `max_concurrency` in flight;
-- the API server's single preprocessing thread (FIFO, `front_ms` per request);
+- the API server process as one FIFO worker (the GIL): it preprocesses each request (`front_ms`) and
+  streams every token the engines emit (`stream_ms_per_token`: router, SSE and client work), so a
+  token reaches the client when the API server has passed it on;
 - the router: P by least in-flight work, each image of a P without E to the E instance with the
   least outstanding encode tokens, D (after a P-only prefill) by least in-flight work;
 - per instance an encoder worker (batches image jobs FIFO up to `encode_token_budget`; in a hybrid it
@@ -32,6 +34,7 @@ class Costs(Protocol):
 
     kv_bytes_per_token: int
     embed_bytes_per_token: int
+    stream_ms_per_token: float
 
     def encode_ms(self, image_tokens: Sequence[int], threads: int) -> float: ...
     def prefill_ms(self, tokens: int, threads: int) -> float: ...
@@ -68,7 +71,8 @@ class Flight:
     sent: float = 0.0
     images_left: int = 0
     computed: int = 0
-    tokens: list[float] = field(default_factory=list)
+    generated: int = 0  # tokens the engine has sampled
+    tokens: list[float] = field(default_factory=list)  # when the client got each one
     holder: "Node | None" = None
 
 
@@ -127,8 +131,9 @@ class Simulation:
         self.nodes = [Node(name, frozenset(roles), threads) for name, roles, threads in nodes]
         self.flights: list[Flight] = []
         self.backlog: deque[Flight] = deque()  # sent by nobody yet: the client's concurrency cap
-        self.front: deque[Flight] = deque()
+        self.front: deque = deque()  # ("request", flight) or ("tokens", flights)
         self.front_busy = False
+        self.stream_ms = float(getattr(costs, "stream_ms_per_token", 0.0))
         self.in_client = 0
         self.switches = 0
         self.on_switch: Callable[[Node, frozenset[str]], None] | None = None
@@ -148,19 +153,35 @@ class Simulation:
             return
         self.in_client += 1
         f.sent = self.clock.now
-        self.front.append(f)
+        self.front.append(("request", f))
         self._poll_front()
 
     def _poll_front(self) -> None:
         if self.front_busy or not self.front:
             return
-        f = self.front.popleft()
+        kind, item = self.front.popleft()
         self.front_busy = True
-        self.clock.start(f.spec.front_ms, 1, lambda: self._front_done(f))
+        work = item.spec.front_ms if kind == "request" else self.stream_ms * len(item)
+        self.clock.start(work, 1, lambda: self._front_done(kind, item))
 
-    def _front_done(self, f: Flight) -> None:
+    def _front_done(self, kind: str, item) -> None:
         self.front_busy = False
-        self._dispatch(f)
+        if kind == "request":
+            self._dispatch(item)
+        else:
+            for f in item:
+                f.tokens.append(self.clock.now)
+        self._poll_front()
+
+    def _emit(self, flights: list[Flight]) -> None:
+        """Tokens sampled now reach the client once the API server has streamed them."""
+        for f in flights:
+            f.generated += 1
+        if not self.stream_ms:
+            for f in flights:
+                f.tokens.append(self.clock.now)
+            return
+        self.front.append(("tokens", flights))
         self._poll_front()
 
     def _finish(self, f: Flight, node: Node) -> None:
@@ -239,7 +260,7 @@ class Simulation:
         chunks = self._prefill_chunks(n) if "P" in n.roles else []
         if not decode and not chunks:
             return
-        ctx = sum(f.spec.prompt_len + len(f.tokens) for f in decode) / len(decode) if decode else 0.0
+        ctx = sum(f.spec.prompt_len + f.generated for f in decode) / len(decode) if decode else 0.0
         work = self.costs.decode_ms(len(decode), ctx, n.threads) if decode else 0.0
         if chunks:
             work += self.costs.prefill_ms(sum(k for _, k in chunks), n.threads)
@@ -261,22 +282,21 @@ class Simulation:
 
     def _stepped(self, n: Node, decode: list[Flight], chunks: list[tuple[Flight, int]]) -> None:
         n.lm_busy = False
-        now = self.clock.now
+        firsts = [f for f, k in chunks if f.computed + k == f.spec.prompt_len]
+        self._emit(decode + firsts)
         for f in decode:
-            f.tokens.append(now)
-            if len(f.tokens) >= f.spec.output_len:
+            if f.generated >= f.spec.output_len:
                 self._finish(f, n)
         for f, k in chunks:
             f.computed += k
             if f.computed == f.spec.prompt_len:
                 n.waiting.remove(f)
-                f.tokens.append(now)
                 self._prefilled(f, n)
         self._poll_lm(n)
         self._maybe_switch(n)
 
     def _prefilled(self, f: Flight, p: Node) -> None:
-        if len(f.tokens) >= f.spec.output_len:
+        if f.generated >= f.spec.output_len:
             self._finish(f, p)
         elif "D" in p.roles:
             p.running.append(f)
