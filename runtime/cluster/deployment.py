@@ -77,6 +77,10 @@ class Deployment:
             self.launcher.router = self.router
         self.router.roles = {spec.name: spec.roles for spec in self.topology.instances}
         self.router.max_waiting = max_waiting_requests
+        if engine_overrides.get("role_switching"):  # every instance loads both towers (role_engine.py)
+            from runtime.cluster.role_switch import RoleSwitcher
+
+            self.router.switcher = RoleSwitcher(self.router)
         self._ready: set[str] = set()
         self._all_ready = threading.Event()
         self.router.ready_event = self._on_ready
@@ -145,6 +149,12 @@ class Deployment:
         future: Future = Future()
         self.router.post("control", op, future)
         return future
+
+    def switch_role(self, name: str, roles: str) -> None:
+        """Move instance `name` to `roles` once it has drained (needs `role_switching=True`)."""
+        if self.router.switcher is None:
+            raise ValueError("this deployment was started without role switching")
+        self.router.post("switch_role", name, frozenset(roles.upper()))
 
     def end_session(self, session_id: str) -> None:
         """The session's program ended: later requests with this id are no longer pinned to its instances

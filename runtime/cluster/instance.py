@@ -154,6 +154,9 @@ class Instance:
                 return ControlReply(msg.call_id, self.engine.snapshot())
             if msg.op == "integrity":
                 return ControlReply(msg.call_id, self.engine.integrity())
+            if msg.op.startswith("set_roles:"):
+                self.engine.set_roles(frozenset(msg.op.split(":", 1)[1]))
+                return ControlReply(msg.call_id, {"roles": "".join(sorted(self.engine.roles))})
             return ControlReply(msg.call_id, {}, error=f"unknown control op {msg.op!r}")
         except Exception as exc:
             return ControlReply(msg.call_id, {}, error=str(exc))

@@ -40,11 +40,14 @@ log = logging.getLogger(__name__)
 
 class RoleEngine(Engine):
     def __init__(self, model: str | Path, roles: frozenset[str], transfer: TransferBackend, **overrides: Any) -> None:
-        lm = bool(roles & {"P", "D"})
+        switchable = bool(overrides.pop("role_switching", False))  # load every tower: any role later, no reload
+        lm = bool(roles & {"P", "D"}) or switchable
         if not lm:
             overrides.setdefault("num_pages", 1)  # an E instance holds no KV
-        super().__init__(model, load_vision="E" in roles, load_lm=lm, **overrides)
-        self.roles, self.transfer = roles, transfer
+        super().__init__(model, load_vision="E" in roles or switchable, load_lm=lm, **overrides)
+        self.transfer = transfer
+        self._vision = self.model.visual  # kept aside while the roles lack E: `model.visual` is what says E
+        self._set(roles)
         self.outbox: deque = deque()  # Handoff / NeedEncode / EncodeDone messages for the router
         self._requested: dict[str, set[str]] = {}  # rid -> image hashes incoming or asked for
         self._adoptions: deque[tuple[Handoff, torch.Tensor]] = deque()
@@ -56,6 +59,18 @@ class RoleEngine(Engine):
         self.encode_jobs_open = 0
         self.wake_r, self._wake_w = os.pipe()  # the encode-jobs thread wakes the instance loop through it
         self.scheduler.encoding_elsewhere = self._encoding = set()
+
+    def set_roles(self, roles: frozenset[str]) -> None:
+        """Serve `roles` from now on, with the weights already loaded; only while nothing is in flight."""
+        if self.has_unfinished() or self.encode_jobs_open:
+            raise InvalidRequest("the instance still has work in flight")
+        if ("E" in roles and self._vision is None) or (roles & {"P", "D"} and self.model.lm is None):
+            raise InvalidRequest(f"roles {''.join(sorted(roles))} need weights this instance did not load")
+        self._set(roles)
+
+    def _set(self, roles: frozenset[str]) -> None:
+        self.roles = frozenset(roles)
+        self.model.visual = self._vision if "E" in roles else None
 
     # ---- P: admission -----------------------------------------------------------------------------
     def submit_wire(self, req: WireRequest, incoming: tuple[str, ...], pixels: dict[str, torch.Tensor]) -> None:

@@ -27,6 +27,7 @@ from runtime.cluster.router_policy import (
     pick_prefill,
     plan_encodes_for,
 )
+from runtime.cluster.router_recovery import Recovery
 from runtime.cluster.transfer import TransferBackend
 from runtime.engine.radix_cache import prefix_keys
 from runtime.messages import GenerateRequest, RequestOutput
@@ -37,7 +38,7 @@ HANDOFF_WAIT_S = 5.0
 MAX_TRACKED_HANDLES = 4096
 
 
-class Router:
+class Router(Recovery):
     def __init__(self, sock: zmq.Socket, transfer: TransferBackend, page_size: int, image_token_id: int,
                  reap: Callable[[], list[str]]) -> None:
         self.sock, self.transfer, self.reap = sock, transfer, reap
@@ -56,7 +57,8 @@ class Router:
         self.inbox = Inbox()
         self._next_call = 0
         self.stopping = False
-        self.stats: Counter[str] = Counter()  # instance_deaths, retried, failed
+        self.stats: Counter[str] = Counter()  # instance_deaths, retried, failed, role_switches
+        self.switcher: Any = None  # a role_switch.RoleSwitcher under --role-switching
 
     # ---- other threads ----------------------------------------------------------------------------
     def post(self, *command: Any) -> None:
@@ -75,6 +77,8 @@ class Router:
                     self._receive()
                 for name in self.reap():
                     self._on_death(name)
+                if self.switcher is not None:
+                    self.switcher.tick()
                 self._retry_waiting()
         finally:
             self.inbox.close()
@@ -132,6 +136,9 @@ class Router:
             self._send(name, wire.Control(self._next_call, op))
         self._settle_control(self._next_call)
 
+    def _cmd_switch_role(self, name: str, roles: frozenset[str]) -> None:
+        self.switcher.begin(name, frozenset(roles), "requested")
+
     def _cmd_end_session(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
 
@@ -145,7 +152,7 @@ class Router:
 
     # ---- dispatch -----------------------------------------------------------------------------------
     def _ready(self, role: str) -> list[InstanceView]:
-        return [v for v in self.views.values() if role in v.roles]
+        return [v for v in self.views.values() if role in v.roles and v.draining_to is None]
 
     def _dispatch(self, rid: str) -> None:
         flight = self.flights[rid]
@@ -354,37 +361,6 @@ class Router:
         view = self.views.get(name or "")
         if view is not None:
             view.inflight = max(0, view.inflight - 1)
-
-    def _on_death(self, name: str) -> None:
-        log.error("instance %s died; restarting it", name)
-        self.stats["instance_deaths"] += 1
-        self.views.pop(name, None)
-        for handle in self.sent_handles.pop(name, ()):
-            self.transfer.release(handle)
-        self.sessions = {s: pd for s, pd in self.sessions.items() if name not in pd}
-        for key, task in list(self.encodes.items()):
-            if key[1] == name:
-                del self.encodes[key]
-            elif task.e == name:
-                task.e = None  # `_retry_waiting` sends it to another E
-        for rid, flight in list(self.flights.items()):
-            if flight.holder == name:
-                self._retry_or_fail(rid, flight, name)
-        for call_id in list(self.controls):
-            self._settle_control(call_id)
-
-    def _retry_or_fail(self, rid: str, flight: Flight, dead: str) -> None:
-        if flight.streamed:
-            self.stats["failed"] += 1
-            self._fail(rid, f"instance {dead} failed while serving this request")
-            return
-        self.stats["retried"] += 1
-        if flight.holder not in (None, dead):
-            self._send(flight.holder, wire.Abort(rid))
-            self._dec_inflight(flight.holder)
-        flight.p = flight.d = None
-        flight.since = time.monotonic()
-        self.deferred.append(rid)
 
     # ---- plumbing -----------------------------------------------------------------------------------
     def _send(self, name: str, msg: Any, frames: list | None = None) -> None:

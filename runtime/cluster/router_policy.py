@@ -89,6 +89,7 @@ class InstanceView:
     total_pages: int = 0
     waiting: int = 0
     running: int = 0
+    draining_to: frozenset[str] | None = None  # role switching: takes no new work, then serves these roles
     chunks: LruSet = field(default_factory=lambda: LruSet(MAX_CHUNKS_PER_INSTANCE))
     images: LruSet = field(default_factory=lambda: LruSet(MAX_HASHES_PER_INSTANCE))
 

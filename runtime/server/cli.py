@@ -43,6 +43,8 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads in all (split over the instances)")
     p.add_argument("--max-waiting-requests", type=int, default=None,
                    help="requests waiting for a first token at most; beyond it 503 with Retry-After (default: no cap)")
+    p.add_argument("--role-switching", action="store_true",
+                   help="move instances between roles when one stage stays the bottleneck (loads every tower)")
     p.add_argument("--json-whitespace-flexible", action="store_true",
                    help="JSON output may contain any whitespace (default: compact; a request's x-guidance overrides)")
     p.add_argument("--log-level", default="info")
@@ -64,7 +66,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     overrides = {"kv_cache_bytes": args.kv_cache_mb and args.kv_cache_mb << 20,
                  "encoder_cache_bytes": args.encoder_cache_mb and args.encoder_cache_mb << 20,
                  "max_model_len": args.max_model_len,
-                 "json_whitespace_flexible": args.json_whitespace_flexible or None}
+                 "json_whitespace_flexible": args.json_whitespace_flexible or None,
+                 "role_switching": args.role_switching or None}
     limits = Limits(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
                     max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
                     max_total_tokens=args.max_total_tokens, default_max_tokens=args.default_max_tokens,

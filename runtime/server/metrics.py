@@ -35,6 +35,8 @@ class Metrics:
         self.instance = {name: Gauge(f"epd_instance_{name}", doc, ["instance", "roles"], registry=r)
                          for name, doc in INSTANCE_GAUGES.items()}
         self.router = {name: Gauge(f"epd_router_{name}", doc, registry=r) for name, doc in ROUTER_GAUGES.items()}
+        self.role_switches = Gauge("epd_role_switches_total", "Instances moved to other roles (--role-switching)",
+                                   registry=r)
         self.ready = Gauge("epd_engine_ready", "1 when the engine is loaded and serving", registry=r)
         self._prompt_total = self._cached_total = 0
 
@@ -65,6 +67,7 @@ class Metrics:
                     gauge.labels(name, info.get("roles", "")).set(info[key])
         for key, gauge in self.router.items():
             gauge.set(snapshot.get(f"router_{key}", 0))
+        self.role_switches.set(snapshot.get("router_role_switches", 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,71 @@
+"""Role switching: an instance moved to another role under load loses no request, and greedy outputs stay
+those of the single-process engine, before, during and after the switch."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from deployment_helpers import ENGINE_ARGS, collect, prepare, run_all, tokens
+from epdlang.sampling import SamplingParams
+from images import make_image
+from runtime.cluster.deployment import Deployment
+from runtime.engine.core import Engine
+from runtime.server.metrics import Metrics
+
+GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
+COLORS = ("red", "green", "blue", "orange", "purple", "cyan", "yellow", "white", "black", "gray")
+
+
+def requests(n: int, offset: int = 0) -> list[dict]:
+    out = []
+    for i in range(n):
+        image = make_image(COLORS[(i + offset) % len(COLORS)], (112 + 28 * ((i + offset) % 3), 112))
+        out.append({"messages": [{"role": "user", "content": [{"type": "image", "image": image},
+                                                             {"type": "text", "text": f"Describe {i + offset}."}]}]})
+    return out
+
+
+def wait_for(pred, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+async def switch_under_load(dep: Deployment, msgs: list, name: str, roles: str) -> list:
+    tasks = [asyncio.create_task(collect(dep, m)) for m in msgs]
+    await asyncio.sleep(0.3)  # requests are spread over the instances, some mid-decode
+    dep.switch_role(name, roles)
+    return await asyncio.wait_for(asyncio.gather(*tasks), 180)
+
+
+def test_a_switch_under_load_loses_no_request_and_keeps_greedy_outputs(tiny_model_dir):
+    # wave 2 is raw prompts that share no prefix: the router picks P by cached prefix first, so chat
+    # requests (one template prefix) would all stay on the P that has it
+    wave1 = requests(8)
+    wave2 = [{"prompt": f"{w} is the word number {i}"} for i, w in enumerate(("Apple", "Seven", "Quiet", "Zebra"))]
+    engine = Engine(tiny_model_dir, **ENGINE_ARGS)
+    expected = [engine.generate(dict(r), GREEDY)[0].token_ids for r in wave1 + wave2]
+    with Deployment(tiny_model_dir, "2E,P,D", role_switching=True, **ENGINE_ARGS) as dep:
+        router = dep.router
+        first = asyncio.run(switch_under_load(dep, [prepare(dep, r, GREEDY) for r in wave1], "E1", "P"))
+        assert all(isinstance(out, list) and out[-1].finished and not out[-1].error for out in first), first
+        assert [tokens(out) for out in first] == expected[:len(wave1)]
+        assert wait_for(lambda: router.stats["role_switches"] == 1), dict(router.stats)
+        assert router.views["E1"].roles == frozenset("P") and router.views["E1"].draining_to is None
+        msgs = [prepare(dep, r, GREEDY) for r in wave2]
+        second = run_all(dep, msgs, 180)
+        assert [tokens(out) for out in second] == expected[len(wave1):]
+        snap = dep.snapshot_now()
+        assert snap["router_role_switches"] == 1
+        assert snap["instances"]["E1"]["stats_prefill_tokens"] > 0  # the former encoder now prefills
+        assert snap["instances"]["E0"]["stats_images_encoded"] > 0
+
+
+def test_a_switch_is_counted_on_metrics():
+    metrics = Metrics()
+    metrics.update_engine({"router_role_switches": 2})
+    assert b"epd_role_switches_total 2.0" in metrics.render()
+
