@@ -24,19 +24,21 @@ class Runtime(Backend):
 
     `instances` is a topology spec (`EPD`, `E,PD`, `E,P,D`, `2E,P,D`, ... or a YAML file): every instance
     is its own process behind the router, exactly as `epd serve` runs them. Engine config overrides
-    (page_size, kv_cache_bytes, ...) pass through. Close it, or use it as a context manager.
+    (page_size, kv_cache_bytes, ...) pass through. With `ray` (`"local"`, `"auto"`, `HOST:PORT`) the instances
+    are placed on a Ray cluster instead, as `epd serve --ray` does. Close it, or use it as a context manager.
     """
 
     encode_ahead_supported = prefix_sharing_supported = scoring_supported = True
 
-    def __init__(self, model: str | Path | None = None, instances: str = "EPD", **engine_overrides: Any) -> None:
+    def __init__(self, model: str | Path | None = None, instances: str = "EPD", ray: str | None = None,
+                 **engine_overrides: Any) -> None:
         from runtime.cluster.deployment import Deployment
 
         if model is None:
             from runtime.tiny_model import ensure_tiny_model
 
             model = ensure_tiny_model()
-        self.deployment = Deployment(model, instances, **engine_overrides)
+        self.deployment = Deployment(model, instances, ray=ray, **engine_overrides)
         self.processor = self.deployment.processor
         self.chat_template = template_for(self.processor.model_type)
         self._images: OrderedDict[str, Any] = OrderedDict()

@@ -44,7 +44,7 @@ class RayCluster:
     def __init__(self, address: str, num_cpus: int | None = None) -> None:
         self.address, self.owned = address, not ray.is_initialized()
         if self.owned and address == "local":
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
+            ray.init(address="local", include_dashboard=False, num_cpus=num_cpus,
                      object_store_memory=LOCAL_OBJECT_STORE_BYTES)
         elif self.owned:
             ray.init(address=address)
@@ -76,8 +76,8 @@ class InstanceActor:
     def run(self, cfg_json: str) -> int:
         from runtime.cluster import instance
 
-        raw = json.loads(cfg_json) | {"node_id": ray.get_runtime_context().get_node_id(),
-                                      "address": ray.util.get_node_ip_address()}
+        node_id = ray.get_runtime_context().get_node_id()
+        raw = json.loads(cfg_json) | {"node_id": node_id, "address": _node_ip(node_id)}
         return instance.main([json.dumps(raw)])
 
     def sweep(self, prefix: str) -> int:

@@ -3,6 +3,7 @@
 - It learns each instance's Ray node id from its `Ready` and tells every instance (`Peers`), so that
   senders keep tensors in shm for a receiver on their node and send zmq frames over TCP otherwise.
 - Pixels it exports itself go the same way: shm to an instance on its own node, a frame to the others.
+- It says again where everyone runs whenever the instances or their roles change (deaths, role switches).
 - It records the transport of every tensor it relays, per link (`links`), for /get_server_info and /metrics.
 - It notes when it last heard from each instance: `silent(after_s)` names the ready ones gone quiet
   (every instance reports its load at least once a second), which the Ray launcher treats as dead.
@@ -37,12 +38,20 @@ class RayRouter(Router):
         super()._on_ready(name, msg, data)
         self._broadcast_peers()
 
-    def _broadcast_peers(self) -> None:
+    def _peers(self) -> wire.Peers:
         nodes = {n: self.placed[n]["node_id"] for n in self.views if n in self.placed}
-        roles = {n: "".join(sorted(v.roles)) for n, v in self.views.items()}
-        self.transfer.roles = roles
+        return wire.Peers(nodes, {n: "".join(sorted(v.roles)) for n, v in self.views.items()})
+
+    def _broadcast_peers(self) -> None:
+        peers = self._peers()
+        self.transfer.roles = peers.roles
         for name in self.views:
-            self._send(name, wire.Peers(nodes, roles))
+            self._send(name, peers)
+
+    def _retry_waiting(self) -> None:
+        super()._retry_waiting()
+        if self._peers().roles != self.transfer.roles:  # an instance died or switched roles
+            self._broadcast_peers()
 
     def _on_load(self, name: str, msg: wire.Load, data: list) -> None:
         self.last_heard[name] = time.monotonic()

@@ -29,7 +29,7 @@ def load_engine(config: ServerConfig) -> Any:
     from runtime.cluster.deployment import Deployment
 
     return Deployment(config.model_path, config.topology, transfer=config.transfer,
-                      max_waiting_requests=config.max_waiting_requests, **config.engine_overrides)
+                      max_waiting_requests=config.max_waiting_requests, ray=config.ray, **config.engine_overrides)
 
 
 def create_app(config: ServerConfig, engine_factory=load_engine) -> FastAPI:

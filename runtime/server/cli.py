@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from runtime.cluster.topology import parse_topology
@@ -17,6 +18,9 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
                    help="topology: EPD, E,PD, EP,D, ED,P, E,P,D, 2E,P,D, ... or a YAML file")
     p.add_argument("--transfer", choices=("shm", "zmq"), default="shm",
                    help="data plane between instances: shared memory, or raw zmq frames")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="place the instances on a Ray cluster: auto, HOST:PORT, ray://HOST:PORT, or local (a private "
+                        "cluster on this machine, stopped at exit); needs the ray extra")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all routes but /health)")
@@ -80,10 +84,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allow_private_media_urls=args.allow_private_media_urls,
         graceful_shutdown_s=args.graceful_shutdown,
         engine_overrides={k: v for k, v in overrides.items() if v is not None}, topology=topology,
-        transfer=args.transfer, max_waiting_requests=args.max_waiting_requests)
+        transfer=args.transfer, max_waiting_requests=args.max_waiting_requests, ray=args.ray)
 
 
 def serve(args: argparse.Namespace) -> int:
     from runtime.server.app import run_server
+
+    if args.ray:  # Ray's C++ crash handler would dump a stack trace on the SIGTERM that stops us cleanly
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
     return run_server(config_from_args(args), args.log_level)

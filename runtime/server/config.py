@@ -38,3 +38,4 @@ class ServerConfig:
     topology: Topology = field(default_factory=lambda: parse_topology("EPD"))
     transfer: str = "shm"  # data plane between instances: shm (one host) or zmq (raw frames, any host)
     max_waiting_requests: int | None = None  # beyond it, new requests get 503 + Retry-After
+    ray: str | None = None  # a Ray cluster address (or "local") to place the instances on

@@ -35,6 +35,12 @@ class Metrics:
         self.instance = {name: Gauge(f"epd_instance_{name}", doc, ["instance", "roles"], registry=r)
                          for name, doc in INSTANCE_GAUGES.items()}
         self.router = {name: Gauge(f"epd_router_{name}", doc, registry=r) for name, doc in ROUTER_GAUGES.items()}
+        self.placement = Gauge("epd_instance_placement", "1 per instance on Ray: the node it runs on, its address",
+                               ["instance", "roles", "node_id", "address"], registry=r)
+        self.link_tensors = Gauge("epd_link_tensors", "Tensors relayed per link (shm within a Ray node, tcp across)",
+                                  ["src", "dst", "transport"], registry=r)
+        self.link_bytes = Gauge("epd_link_bytes", "Bytes of tensors relayed per link", ["src", "dst", "transport"],
+                                registry=r)
         self.role_switches = Gauge("epd_role_switches_total", "Instances moved to other roles (--role-switching)",
                                    registry=r)
         self.ready = Gauge("epd_engine_ready", "1 when the engine is loaded and serving", registry=r)
@@ -68,6 +74,17 @@ class Metrics:
         for key, gauge in self.router.items():
             gauge.set(snapshot.get(f"router_{key}", 0))
         self.role_switches.set(snapshot.get("router_role_switches", 0))
+        if "ray" in snapshot:
+            self._update_placement(snapshot)
+
+    def _update_placement(self, snapshot: dict) -> None:
+        self.placement.clear()  # an instance restarted elsewhere is shown on its new node only
+        for name, info in snapshot.get("instances", {}).items():
+            if info.get("node_id"):
+                self.placement.labels(name, info.get("roles", ""), info["node_id"], info.get("address", "")).set(1)
+        for link in snapshot["ray"]["links"]:
+            self.link_tensors.labels(link["src"], link["dst"], link["transport"]).set(link["tensors"])
+            self.link_bytes.labels(link["src"], link["dst"], link["transport"]).set(link["bytes"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
