@@ -150,6 +150,32 @@ def all_free(timeout_s: float = 15.0) -> bool:
     return False
 
 
+
+def test_actor_killed_or_frozen_is_replaced(cluster, tiny_model_dir, tmp_path):
+    """An actor's process SIGKILLed: Ray restarts it in place and the router takes it back. One SIGSTOPped
+    (alive to the OS, silent to us): after HEARTBEAT_S it is taken for dead, killed and restarted by Ray."""
+    import signal
+
+    from runtime.cluster.ray_placement import HEARTBEAT_S
+
+    spec = topology(tmp_path, ("E", "h"), ("P", "b"), ("D", "b"))
+    msg = {"messages": _user(make_image("red", (112, 112)), "What is this?")}
+    with Deployment(tiny_model_dir, spec, ray="auto", ready_timeout_s=120, **ENGINE_ARGS) as dep:
+        prefix = dep.segment_prefix
+        first = tokens(run_all(dep, [prepare(dep, msg, GREEDY)])[0])
+        for name, sig in (("E0", signal.SIGKILL), ("D0", signal.SIGSTOP)):
+            pid, deaths = dep.pids()[name], dep.router.stats["instance_deaths"]
+            os.kill(pid, sig)
+            t0 = time.monotonic()
+            wait_for(lambda: dep.router.stats["instance_deaths"] > deaths, 10)  # noqa: B023
+            noticed = time.monotonic() - t0
+            assert noticed < HEARTBEAT_S + 1
+            wait_for(lambda: name in dep.router.views and dep.pids().get(name) != pid, 90)  # noqa: B023
+            print(f"{name} {sig.name}: death noticed after {noticed:.2f}s, back after {time.monotonic() - t0:.1f}s")
+            assert tokens(run_all(dep, [prepare(dep, msg, GREEDY)])[0]) == first
+    assert not list_segments(prefix)
+    assert all_free()
+
 LOAD = SamplingParams(max_new_tokens=24, ignore_eos=True)
 
 
