@@ -248,3 +248,22 @@ def test_node_removed_under_load(cluster, tiny_model_dir, tmp_path):
         assert dep.router.stats["retried"] + failed >= 1  # something was in flight on node a
     assert not list_segments(prefix)
     assert all_free()
+
+
+def test_topology_entries_become_bundles(tmp_path):
+    """What each instance asks Ray for: CPUs (default: its threads), GPUs, custom resources such as a node."""
+    from runtime.cluster.ray_placement import bundle
+    from runtime.cluster.topology import parse_topology
+
+    path = tmp_path / "t.yaml"
+    path.write_text("instances:\n  - {roles: E, count: 2, threads: 2, resources: {'node:10.0.0.2': 0.01}}\n"
+                    "  - {roles: P, threads: 4, num_gpus: 1}\n  - {roles: D, num_cpus: 0.5, threads: 1}\n")
+    bundles = {spec.name: bundle(spec) for spec in parse_topology(str(path)).instances}
+    assert bundles == {"E0": {"CPU": 2.0, "node:10.0.0.2": 0.01}, "E1": {"CPU": 2.0, "node:10.0.0.2": 0.01},
+                       "P0": {"CPU": 4.0, "GPU": 1.0}, "D0": {"CPU": 0.5}}
+    path.write_text("instances:\n  - {roles: EPD, resources: {gpu_box: -1}}\n")
+    with pytest.raises(ValueError, match="gpu_box must be a number >= 0"):
+        parse_topology(str(path))
+    path.write_text("instances:\n  - {roles: EPD, resources: [a]}\n")
+    with pytest.raises(ValueError, match="resources must be a mapping"):
+        parse_topology(str(path))

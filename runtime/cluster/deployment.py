@@ -46,6 +46,7 @@ class Deployment:
         self.model_path = str(model)
         self.topology = instances if isinstance(instances, Topology) else parse_topology(instances)
         self.processor = Processor(model)
+        self.ray = _connect_ray(ray, self.topology)
         self.id = uuid.uuid4().hex[:12]
         self.segment_prefix = f"epd-{self.id}"
         self._log_dir = Path(tempfile.mkdtemp(prefix=f"{self.segment_prefix}-logs-"))
@@ -54,7 +55,6 @@ class Deployment:
         for opt in (zmq.ROUTER_MANDATORY, zmq.ROUTER_HANDOVER):
             self._sock.setsockopt(opt, 1)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self.ray = _connect_ray(ray, self.topology)
         host = self.ray.host if self.ray else "127.0.0.1"
         port = self._sock.bind_to_random_port(f"tcp://{host}")
         base = InstanceConfig(name="", roles="", model=self.model_path, router_addr=f"tcp://{host}:{port}",
@@ -239,6 +239,11 @@ class Deployment:
 def _connect_ray(address: str | None, topology: Topology) -> Any:
     if address is None:
         return None
-    from runtime.cluster.ray_placement import RayCluster, local_cpus
-
-    return RayCluster(address, num_cpus=local_cpus(topology) if address == "local" else None)
+    try:
+        from runtime.cluster.ray_placement import RayCluster, local_cpus
+    except ImportError as exc:
+        raise DeploymentError(f"--ray needs Ray: pip install 'epdlang[ray]' ({exc})") from exc
+    try:
+        return RayCluster(address, num_cpus=local_cpus(topology) if address == "local" else None)
+    except Exception as exc:
+        raise DeploymentError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from exc
