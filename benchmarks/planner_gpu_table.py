@@ -20,6 +20,8 @@ if __package__ in (None, ""):
 from runtime.planner.cli import ROLE_WORKLOADS, bench_requests, resolve_model  # noqa: E402
 from runtime.planner.plan import build_plan  # noqa: E402
 
+BASE = 200  # distinct requests preprocessed per workload; larger runs repeat them in order
+
 OUT = Path(__file__).resolve().parents[1] / "results" / "planner" / "gpu-table.json"
 
 
@@ -46,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     model = resolve_model("tiny")
     rows = []
     for dataset in args.workloads.split(","):
+        base = bench_requests(plan_args(dataset, 0, BASE, args))
         for gpus in (int(g) for g in args.gpus.split(",")):
             t0 = time.monotonic()
             a = plan_args(dataset, gpus, args.per_gpu * gpus, args)
-            result = build_plan(a, model, bench_requests(a))
+            result = build_plan(a, model, [base[i % len(base)] for i in range(a.num_prompts)])
             best, colo = result.recommended, result.prediction(result.colocated)
             runner = result.ranked[1] if len(result.ranked) > 1 else best
             rows.append({"workload": dataset, "gpus": gpus, "recommended": best.topology, **best.as_dict(),

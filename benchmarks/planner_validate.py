@@ -39,6 +39,8 @@ def rates_for(args: argparse.Namespace, predicted_rps: float) -> list[float]:
 
 
 def warmups_for(args: argparse.Namespace) -> list:
+    """Untimed requests sent at once before the sweep: a fresh server's first ~50 requests ran several
+    times slower than later ones on this machine, so a few warm-ups alone left the first rate point cold."""
     from runtime.planner.cli import bench_requests
 
     if not args.num_warmups:

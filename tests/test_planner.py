@@ -35,19 +35,19 @@ def small_grid(monkeypatch):
 
 def test_plan_profiles_once_simulates_and_writes_the_json(tmp_path, capsys, small_grid):
     prof, out = tmp_path / "profile.json", tmp_path / "plan.json"
-    argv = ["plan", "tiny", *SMALL_WORKLOAD, "--cores", "2", "--threads-per-instance", "1",
+    argv = ["plan", "tiny", *SMALL_WORKLOAD, "--cores", "2", "--threads-per-instance", "1", "--slo-ttft-ms", "150",
             "--candidates", "EPD;E,PD;E,P,D", "--profile", str(prof), "--json", str(out)]
     assert main(argv) == 0
     first = capsys.readouterr().out
     assert "measured now" in first and "recommended:" in first
     plan = json.loads(out.read_text())
     assert {c["topology"] for c in plan["candidates"]} == {"EPD", "E,PD", "E,P,D"}
-    best = max(plan["candidates"], key=lambda c: c["predicted"]["goodput_rps"])
+    best = max(plan["candidates"], key=lambda c: c["predicted"]["goodput_rps"] or math.inf)
     assert plan["recommended"] == best["topology"] == plan["candidates"][0]["topology"]
     assert plan["colocated"] == "EPD"
     for c in plan["candidates"]:
-        assert set(c["predicted"]) == {"goodput_rps", "ttft_p90_ms", "tpot_p90_ms"} and c["measured"] is None
-        assert c["predicted"]["goodput_rps"] > 0
+        assert {"goodput_rps", "ttft_p90_ms", "tpot_p90_ms"} <= set(c["predicted"]) and c["measured"] is None
+        assert c["predicted"]["unbounded"] or c["predicted"]["goodput_rps"] > 0
     table = plan["profile"]["threads"]["1"]
     assert set(table["prefill_ms"]) == {"16", "128"} and all(v > 0 for v in table["prefill_ms"].values())
     assert set(table["decode_ms"]["64"]) == {"1", "4"}
@@ -58,14 +58,15 @@ def test_plan_profiles_once_simulates_and_writes_the_json(tmp_path, capsys, smal
 
 def test_plan_for_gpus_reads_a_device_profile(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    argv = ["plan", "tiny", *SMALL_WORKLOAD, "--num-prompts", "40", "--gpus", "8",
-            "--device-profile", "h100-qwen2-vl-7b", "--slo-ttft-ms", "500", "--slo-tpot-ms", "50",
+    argv = ["plan", "tiny", "--dataset", "fixed", "--image-size", "448", "--output-len", "32", "--num-prompts", "300",
+            "--gpus", "8",
+            "--device-profile", "h100-qwen2-vl-7b", "--slo-ttft-ms", "100", "--slo-tpot-ms", "50",
             "--candidates", "8EPD;2E,6PD;4EP,4D", "--json", str(out)]
     assert main(argv) == 0
     assert "derived from published figures" in capsys.readouterr().out
     plan = json.loads(out.read_text())
     assert plan["colocated"] == "8EPD"
-    assert all(c["predicted"]["goodput_rps"] > 0 for c in plan["candidates"])
+    assert all(c["predicted"]["goodput_rps"] > 0 for c in plan["candidates"])  # 40 at once miss 100 ms
     assert "sources" in plan["profile"] and plan["profile"]["device"].startswith("NVIDIA H100")
 
 

@@ -58,7 +58,7 @@ def add_plan_parser(subparsers: "argparse._SubParsersAction") -> None:
     o.add_argument("--validate-top", type=int, default=2)
     o.add_argument("--launch-args", default="", help="extra `epd serve` flags for --validate")
     o.add_argument("--launch-timeout", type=float, default=300.0)
-    o.add_argument("--num-warmups", type=int, default=8, help="--validate: untimed requests, sent at once")
+    o.add_argument("--num-warmups", type=int, default=48, help="--validate: untimed requests, sent at once")
     o.add_argument("--result-dir", default=None, help="--validate: where server logs go")
     o.add_argument("--json", dest="json_file", default=None, help="write the plan as JSON")
     p.set_defaults(handler=plan)

@@ -109,6 +109,8 @@ def build_plan(args: argparse.Namespace, model_dir: Path, requests: list) -> Pla
 
 
 def fmt(value: float | None, spec: str = ".2f") -> str:
+    if value is not None and value == float("inf"):
+        return "burst"  # every request at once meets the SLO
     return "-" if value is None or value != value else format(value, spec)
 
 

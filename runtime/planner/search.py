@@ -4,6 +4,8 @@ least 90% of requests meet the SLO (the same definition, and with a rate list th
 from __future__ import annotations
 
 import itertools
+import logging
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from runtime.cluster.topology import parse_topology
 from runtime.planner.sim import Budgets, Costs, Outcome, Simulation, Slo
 from runtime.planner.workload import Shape, schedule
 
+log = logging.getLogger(__name__)
 GOODPUT_ATTAINMENT = 0.9
 Setup = Callable[[Simulation], None]
 PARTITIONS = (("EPD",), ("E", "PD"), ("EP", "D"), ("ED", "P"), ("E", "P", "D"))
@@ -43,7 +46,9 @@ class Prediction:
     points: tuple[tuple[float, float], ...]  # (rate, attainment) simulated
 
     def as_dict(self) -> dict:
-        return {"goodput_rps": round(self.goodput_rps, 4), "ttft_p90_ms": round(self.ttft_p90_ms, 2),
+        """JSON-safe: an unbounded goodput (a burst meets the SLO) is null, with `unbounded` true."""
+        gp = None if math.isinf(self.goodput_rps) else round(self.goodput_rps, 4)
+        return {"goodput_rps": gp, "unbounded": gp is None, "ttft_p90_ms": round(self.ttft_p90_ms, 2),
                 "tpot_p90_ms": round(self.tpot_p90_ms, 2)}
 
 
@@ -123,10 +128,16 @@ class Planner:
             points = self._search(spec, setup)
         gp = goodput(points)
         at = self.simulate(spec, gp if gp > 0 else min(r for r, _ in points), setup)
+        if math.isinf(gp):
+            log.warning("%s: a burst of all %d requests meets the SLO; goodput is unbounded for this workload "
+                        "(give more requests or a tighter SLO)", spec, len(self.shapes))
         return Prediction(spec, gp, at.p90(at.ttft_ms), at.p90(at.tpot_ms), tuple(sorted(points)))
 
     def _search(self, spec: str, setup: Setup | None = None) -> list[tuple[float, float]]:
         """From half the capacity bound, double (or halve) the rate until attainment crosses 90%, then bisect."""
+        burst = self.simulate(spec, math.inf, setup).attainment
+        if burst >= GOODPUT_ATTAINMENT:  # all requests at once still meet the SLO: no knee to find
+            return [(math.inf, burst)]
         rate = max(MIN_RATE, capacity_bound(spec, self) / 2)
         points = [(rate, self.simulate(spec, rate, setup).attainment)]
         up = points[0][1] >= GOODPUT_ATTAINMENT

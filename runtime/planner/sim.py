@@ -260,7 +260,7 @@ class Simulation:
         chunks = self._prefill_chunks(n) if "P" in n.roles else []
         if not decode and not chunks:
             return
-        ctx = sum(f.spec.prompt_len + f.generated for f in decode) / len(decode) if decode else 0.0
+        ctx = sum(f.spec.prompt_len + f.generated for f in decode) // len(decode) if decode else 0
         work = self.costs.decode_ms(len(decode), ctx, n.threads) if decode else 0.0
         if chunks:
             work += self.costs.prefill_ms(sum(k for _, k in chunks), n.threads)

@@ -45,9 +45,10 @@ def schedule(shapes: Sequence[Shape], rate: float, burstiness: float = 1.0, seed
 
 def prepare_all(processor: Any, messages: Sequence[Sequence[dict]]) -> tuple[list, dict[int, Any]]:
     """Each request preprocessed once, and one image per distinct image-token count (for profiling encode)."""
-    prepared, images = [], {}
+    prepared, images, seen = [], {}, {}
     for msgs in messages:
-        p = processor.prepare(list(msgs))
+        p = seen.get(id(msgs)) or processor.prepare(list(msgs))  # a repeated request is prepared once
+        seen[id(msgs)] = p
         prepared.append(p)
         for im in p.images:
             images.setdefault(im.num_tokens, im)
