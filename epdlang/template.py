@@ -10,12 +10,14 @@ from epdlang.ir import Expr, Image, RoleBegin, RoleEnd, Text
 @dataclass(frozen=True)
 class ChatTemplate:
     """Role markers as text, matching a model family's chat template. The default is ChatML with
-    Qwen2-VL's vision markers; `per_role` holds (role, begin, end) where a role differs from the pattern."""
+    Qwen2-VL's vision markers; `per_role` holds (role, begin, end) where a role differs from the pattern.
+    `default_system` is the system turn the family's template adds when a conversation opens without one."""
 
     role_begin: str = "<|im_start|>{role}\n"
     role_end: str = "<|im_end|>\n"
     image: str = "<|vision_start|><|image_pad|><|vision_end|>"
     per_role: tuple[tuple[str, str, str], ...] = ()
+    default_system: str | None = None
 
     def begin(self, role: str) -> str:
         return next((b for r, b, _ in self.per_role if r == role), self.role_begin.format(role=role))
@@ -25,7 +27,7 @@ class ChatTemplate:
 
     def render(self, pieces: Sequence[Expr]) -> tuple[str, list[Image]]:
         """The prompt text (one image marker per image) and the images in order."""
-        out, images = [], []
+        out, images = [self._default_system(pieces)], []
         for p in pieces:
             if isinstance(p, Text):
                 out.append(p.text)
@@ -38,8 +40,15 @@ class ChatTemplate:
                 out.append(self.end(p.role))
         return "".join(out), images
 
+    def _default_system(self, pieces: Sequence[Expr]) -> str:
+        first = next((p for p in pieces if not (isinstance(p, Text) and not p.text)), None)
+        if self.default_system is None or not isinstance(first, RoleBegin) or first.role == "system":
+            return ""
+        return self.begin("system") + self.default_system + self.end("system")
 
-QWEN2_VL = ChatTemplate()
+
+# Qwen2-VL's template opens with "You are a helpful assistant." when the messages have no system turn.
+QWEN2_VL = ChatTemplate(default_system="You are a helpful assistant.")
 # LLaVA-1.5: "USER: <image>\nWhat is it? ASSISTANT: answer</s>" (a system turn is bare text and a newline).
 LLAVA = ChatTemplate(image="<image>\n", per_role=(("system", "", "\n"), ("user", "USER: ", " "),
                                                   ("assistant", "ASSISTANT:", "</s>")))

@@ -95,7 +95,8 @@ def test_select_matches_transformers(rt, processor, hf_model):
     state = choose.run(img, backend=rt)
     assert rt.stats()["decode_tokens"] == decodes  # prefill-only: no decode slot
     meta = state.get_meta_info("word")
-    text = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Which word fits best?<|im_end|>\n"
+    text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+            "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Which word fits best?<|im_end|>\n"
             "<|im_start|>assistant\n")
     prefix = processor.prepare(prompt=text, images=[img])
     expected = []
@@ -127,6 +128,13 @@ def test_template_matches_chat_template(rt, processor):
                 {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
     theirs, _ = processor.render_messages(messages, add_generation_prompt=False)
     assert ours == theirs
+
+    @epd.function
+    def no_system(s):  # the template's default system turn, as the chat template adds it
+        s += epd.user(epd.image(img) + "Hi")
+
+    theirs, _ = processor.render_messages(messages[1:2], add_generation_prompt=False)
+    assert no_system.run(backend=rt).text() == theirs
 
 
 def test_streaming_sync_and_async(rt):
