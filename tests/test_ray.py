@@ -152,17 +152,21 @@ def all_free(timeout_s: float = 15.0) -> bool:
 
 
 def test_actor_killed_or_frozen_is_replaced(cluster, tiny_model_dir, tmp_path):
-    """An actor's process SIGKILLed: Ray restarts it in place and the router takes it back. One SIGSTOPped
-    (alive to the OS, silent to us): after HEARTBEAT_S it is taken for dead, killed and restarted by Ray."""
+    """A D beside P and one on another node: P keeps the KV in shm and the router gives it to the D beside
+    P. An actor's process SIGKILLed: Ray restarts it in place and the router takes it back. One SIGSTOPped
+    (alive to the OS, silent to us): after HEARTBEAT_S it is taken for dead, killed and restarted by Ray;
+    meanwhile P's handoffs go over TCP to the other D."""
     import signal
 
     from runtime.cluster.ray_placement import HEARTBEAT_S
 
-    spec = topology(tmp_path, ("E", "h"), ("P", "b"), ("D", "b"))
+    spec = topology(tmp_path, ("E", "h"), ("P", "b"), ("D", "b"), ("D", "a"))
     msg = {"messages": _user(make_image("red", (112, 112)), "What is this?")}
     with Deployment(tiny_model_dir, spec, ray="auto", ready_timeout_s=120, **ENGINE_ARGS) as dep:
         prefix = dep.segment_prefix
         first = tokens(run_all(dep, [prepare(dep, msg, GREEDY)])[0])
+        assert node_of(dep, "D0") == node_of(dep, "P0") != node_of(dep, "D1")
+        assert links(dep)[("P0", "D0")] == {"shm"} and ("P0", "D1") not in links(dep)
         for name, sig in (("E0", signal.SIGKILL), ("D0", signal.SIGSTOP)):
             pid, deaths = dep.pids()[name], dep.router.stats["instance_deaths"]
             os.kill(pid, sig)
@@ -170,6 +174,9 @@ def test_actor_killed_or_frozen_is_replaced(cluster, tiny_model_dir, tmp_path):
             wait_for(lambda: dep.router.stats["instance_deaths"] > deaths, 10)  # noqa: B023
             noticed = time.monotonic() - t0
             assert noticed < HEARTBEAT_S + 1
+            if name == "D0":  # while it is away P has no D beside it: its KV goes to D1 over TCP
+                assert tokens(run_all(dep, [prepare(dep, msg, GREEDY)])[0]) == first
+                assert "D0" in dep.router.views or links(dep).get(("P0", "D1")) == {"tcp"}
             wait_for(lambda: name in dep.router.views and dep.pids().get(name) != pid, 90)  # noqa: B023
             print(f"{name} {sig.name}: death noticed after {noticed:.2f}s, back after {time.monotonic() - t0:.1f}s")
             assert tokens(run_all(dep, [prepare(dep, msg, GREEDY)])[0]) == first

@@ -62,16 +62,17 @@ class NodeTransfer(TransferBackend):
         nodes = [self.nodes.get(n) for n in names]
         return bool(nodes) and bool(self.node_id) and all(node == self.node_id for node in nodes)
 
-    def receivers(self, msg: Any) -> list[str]:
-        """Who may open the tensors of `msg`: its destination, or for a handoff every D instance."""
+    def keeps_shm(self, msg: Any) -> bool:
+        """Whether the tensors of `msg` can stay in shm: its destination is on this node, or for a handoff
+        (whose D the router picks) some D is, as the router then picks one of those."""
         dest = getattr(msg, "dest", None)
         if dest is not None:
-            return [dest]
-        return [name for name, roles in self.roles.items() if "D" in roles]
+            return self.is_local([dest])
+        return any(self.is_local([name]) for name, roles in self.roles.items() if "D" in roles)
 
-    def outgoing(self, msg: Any, receivers: Sequence[str] | None = None) -> tuple[Any, list[Frame]]:
-        """`msg` and its data frames, with shm handles made zmq frames unless every receiver is local."""
-        local = self.is_local(self.receivers(msg) if receivers is None else receivers)
+    def outgoing(self, msg: Any) -> tuple[Any, list[Frame]]:
+        """`msg` and its data frames, with shm handles made zmq frames unless they can stay in shm."""
+        local = self.keeps_shm(msg)
         changes, frames = {}, []
         for field in HANDLE_FIELDS:
             handle = getattr(msg, field, None)

@@ -2,6 +2,7 @@
 
 - It learns each instance's Ray node id from its `Ready` and tells every instance (`Peers`), so that
   senders keep tensors in shm for a receiver on their node and send zmq frames over TCP otherwise.
+- A handoff whose KV P kept in shm goes to a D on P's node; other handoffs to any D, by load.
 - Pixels it exports itself go the same way: shm to an instance on its own node, a frame to the others.
 - It says again where everyone runs whenever the instances or their roles change (deaths, role switches).
 - It records the transport of every tensor it relays, per link (`links`), for /get_server_info and /metrics.
@@ -30,6 +31,7 @@ class RayRouter(Router):
         self.link_bytes: Counter[tuple[str, str, str]] = Counter()
         self.last_heard: dict[str, float] = {}
         self._relaying_from: str | None = None
+        self._decode_node: str | None = None  # while routing a handoff in shm: D must be on this node
 
     def _on_ready(self, name: str, msg: wire.Ready, data: list) -> None:
         self.placed[name] = {"node_id": msg.node_id, "address": msg.address, "pid": msg.pid}
@@ -67,6 +69,22 @@ class RayRouter(Router):
             super()._on_encodedone(name, msg, data)
         finally:
             self._relaying_from = None
+
+    def _route_handoff(self, msg: wire.Handoff, data: list, since: float) -> None:
+        """A handoff whose KV is in shm goes to a D on P's node (P kept it there because one is)."""
+        flight = self.flights.get(msg.req.rid)
+        if flight is not None and msg.kv.backend == "shm":
+            self._decode_node = self.transfer.nodes.get(flight.p or "")
+        try:
+            super()._route_handoff(msg, data, since)
+        finally:
+            self._decode_node = None
+
+    def _ready(self, role: str) -> list:
+        views = super()._ready(role)
+        if role == "D" and self._decode_node is not None:
+            views = [v for v in views if self.transfer.nodes.get(v.name) == self._decode_node]
+        return views
 
     def silent(self, after_s: float) -> list[str]:
         now = time.monotonic()
