@@ -30,7 +30,7 @@ from runtime.cluster.transfer import sweep_segments
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS = 5  # per actor, by Ray
-HEARTBEAT_S = 4.0  # instances report their load at least once a second
+HEARTBEAT_S = 4.0  # instances report their load at least once a second, between engine steps
 RESTART_WAIT_S = 120.0
 RESUBMIT_EVERY_S = 0.5
 LOCAL_OBJECT_STORE_BYTES = 100 << 20  # we keep nothing in it
@@ -112,6 +112,8 @@ class RayLauncher:
         self._due: dict[str, float] = {}  # name -> when to call `run` again
         self._give_up_at: dict[str, float] = {}
         self.pg = None
+        # An engine step longer than this (a huge prefill on CPU) would pass for a hang: raise it there.
+        self.heartbeat_s = float(os.environ.get("EPD_RAY_HEARTBEAT_S", HEARTBEAT_S))
 
     def start_all(self) -> None:
         self.pg = self._place()
@@ -160,9 +162,9 @@ class RayLauncher:
             if name in serving:
                 dead.append(name)
             self._exited(name, ref, now)
-        for name in self.router.silent(HEARTBEAT_S) if self.router is not None else ():
+        for name in self.router.silent(self.heartbeat_s) if self.router is not None else ():
             if name not in dead and self.runs.get(name) is not None:
-                log.error("instance %s sent nothing for %gs; killing it for Ray to restart", name, HEARTBEAT_S)
+                log.error("instance %s sent nothing for %gs; killing it for Ray to restart", name, self.heartbeat_s)
                 ray.kill(self.actors[name], no_restart=False)
                 self.runs[name] = None
                 dead.append(name)

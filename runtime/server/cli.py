@@ -17,7 +17,8 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--instances", default="EPD",
                    help="topology: EPD, E,PD, EP,D, ED,P, E,P,D, 2E,P,D, ... or a YAML file")
     p.add_argument("--transfer", choices=("shm", "zmq"), default="shm",
-                   help="data plane between instances: shared memory, or raw zmq frames")
+                   help="data plane between instances: shared memory, or raw zmq frames (with --ray: per link, "
+                        "shm within a Ray node and zmq frames across)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="place the instances on a Ray cluster: auto, HOST:PORT, ray://HOST:PORT, or local (a private "
                         "cluster on this machine, stopped at exit); needs the ray extra")
