@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device-profile", default="h100-qwen2-vl-7b")
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=50.0)
-    p.add_argument("--simulate-top", type=int, default=12)
+    p.add_argument("--simulate-top", type=int, default=6)
+    p.add_argument("--window-ms", type=float, default=1000.0, help="switching: the sustained window")
     p.add_argument("--out", type=Path, default=OUT)
     return p.parse_args(argv)
 
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     switchers: list[Switcher] = []
 
     def with_switching(sim) -> None:
-        switchers.append(Switcher(sim, whole, SwitchPolicy()))
+        policy = SwitchPolicy(check_ms=args.window_ms / 4, window_ms=args.window_ms)
+        switchers.append(Switcher(sim, whole, policy))
         switchers[-1].install()
 
     switching = whole.predict(first.topology, setup=with_switching)

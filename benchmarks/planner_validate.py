@@ -39,8 +39,7 @@ def rates_for(args: argparse.Namespace, predicted_rps: float) -> list[float]:
 
 
 def warmups_for(args: argparse.Namespace) -> list:
-    """Untimed requests sent at once before the sweep: a fresh server's first ~50 requests ran several
-    times slower than later ones on this machine, so a few warm-ups alone left the first rate point cold."""
+    """Untimed requests (their own images) sent at once before the first rate point."""
     from runtime.planner.cli import bench_requests
 
     if not args.num_warmups:
@@ -49,14 +48,26 @@ def warmups_for(args: argparse.Namespace) -> list:
                                                 "num_prompts": args.num_warmups}))
 
 
-def measure(args: argparse.Namespace, spec: str, rates: list[float], requests: list, warmups: list) -> list:
+def fresh_requests(args: argparse.Namespace, k: int) -> list:
+    """The plan's workload with other images and words for the k-th rate point: a server's encoder and
+    prefix caches would otherwise serve every point after the first from cache (same arrival times)."""
+    from runtime.planner.cli import bench_requests
+
+    return bench_requests(argparse.Namespace(**{**vars(args), "seed": args.seed + 1 + 7 * k}))
+
+
+def measure(args: argparse.Namespace, spec: str, rates: list[float], warmups: list) -> list:
     log_dir = Path(args.result_dir) if args.result_dir else REPO_ROOT / "results" / "planner" / "logs"
     extra = shlex.split(args.launch_args)
     if args.threads_per_instance:
         count = len(parse_topology(spec).instances)
         extra += ["--num-threads", str(args.threads_per_instance * count)]
+    points = []
     with launched(spec, args.model, extra, log_dir, args.launch_timeout) as url:
-        return run_system(bench_namespace(args), spec, url, requests, warmups, rates, time.strftime("%H%M%S"))
+        for k, rate in enumerate(rates):
+            points += run_system(bench_namespace(args), spec, url, fresh_requests(args, k), warmups if k == 0 else [],
+                                 [rate], time.strftime("%H%M%S"))
+    return points
 
 
 def p90(summary: Any, field: str) -> float:
@@ -76,17 +87,15 @@ def measured_entry(points: list, predicted: dict[float, float]) -> dict[str, Any
 
 
 def validate(args: argparse.Namespace, result: Any) -> None:
-    from runtime.planner.cli import bench_requests
-
     specs = list(dict.fromkeys([p.topology for p in result.ranked[:args.validate_top]] + [result.colocated]))
-    requests, warmups = bench_requests(args), warmups_for(args)
+    warmups = warmups_for(args)
     for spec in specs:
         pred = result.prediction(spec)
         rates = rates_for(args, pred.goodput_rps)
         predicted = {r: result.planner.simulate(spec, r).attainment for r in rates}
         print(f"[validate] {spec}: rates {rates} (predicted goodput {pred.goodput_rps:.2f} req/s)", flush=True)
         try:
-            points = measure(args, spec, rates, requests, warmups)
+            points = measure(args, spec, rates, warmups)
         except Exception as exc:  # a launch that failed: record it, go on with the others
             result.measured[spec] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             continue
