@@ -157,3 +157,14 @@ def test_tokens_reach_the_client_after_the_api_server_streams_them():
     sim = Simulation(EPD, stream, one_at_a_time(), cores=None)
     sim.run([SimRequest(0.0, (), 10, 2, front_ms=10.0)], LOOSE)
     assert sim.flights[0].tokens == pytest.approx([112, 132], abs=1e-9)
+
+
+def test_on_accelerators_a_hybrids_encoder_and_lm_share_its_device_only():
+    # GPU mode: jobs on one instance's device share it; jobs on two devices do not slow each other.
+    clock, done = Clock(cores=None), []
+    a, b = object(), object()
+    clock.start(100.0, 1, lambda: done.append(("a1", clock.now)), a)
+    clock.start(100.0, 1, lambda: done.append(("a2", clock.now)), a)
+    clock.start(100.0, 1, lambda: done.append(("b", clock.now)), b)
+    clock.run()
+    assert sorted(done) == [("a1", pytest.approx(200.0)), ("a2", pytest.approx(200.0)), ("b", pytest.approx(100.0))]

@@ -128,6 +128,9 @@ class Planner:
             points = self._search(spec, setup)
         gp = goodput(points)
         at = self.simulate(spec, gp if gp > 0 else min(r for r, _ in points), setup)
+        if not math.isinf(gp) and gp > 2 * capacity_bound(spec, self):
+            log.warning("%s: predicted goodput %.1f req/s is over twice the capacity bound: %d requests end before "
+                        "a steady state (give more requests or a tighter SLO)", spec, gp, len(self.shapes))
         if math.isinf(gp):
             log.warning("%s: a burst of all %d requests meets the SLO; goodput is unbounded for this workload "
                         "(give more requests or a tighter SLO)", spec, len(self.shapes))

@@ -232,7 +232,7 @@ class Simulation:
             tokens += batch[-1][1]
         e.enc_busy = True
         work = self.costs.encode_ms([t for _, t, _ in batch], e.threads)
-        self.clock.start(work, e.threads, lambda: self._encoded(e, batch))
+        self.clock.start(work, e.threads, lambda: self._encoded(e, batch), e)
 
     def _encoded(self, e: Node, batch: list) -> None:
         e.enc_busy = False
@@ -265,7 +265,7 @@ class Simulation:
         if chunks:
             work += self.costs.prefill_ms(sum(k for _, k in chunks), n.threads)
         n.lm_busy = True
-        self.clock.start(work, n.threads, lambda: self._stepped(n, decode, chunks))
+        self.clock.start(work, n.threads, lambda: self._stepped(n, decode, chunks), n)
 
     def _prefill_chunks(self, n: Node) -> list[tuple[Flight, int]]:
         chunks: list[tuple[Flight, int]] = []
