@@ -150,43 +150,49 @@ class RayLauncher:
         """Names of instances that were serving and died since the last call (the router's `reap`)."""
         if self.stopping or not self.runs:
             return []
-        now, dead = time.monotonic(), []
+        try:
+            return self._reap(time.monotonic())
+        except Exception:  # a Ray hiccup must not stop the router's loop: look again next time
+            log.exception("watching the Ray actors failed")
+            return []
+
+    def _reap(self, now: float) -> list[str]:
         serving = self.router.views if self.router is not None else {}
-        for name in list(self._give_up_at):
-            if name in serving:
-                del self._give_up_at[name]
+        for name in [n for n in self._give_up_at if n in serving]:
+            del self._give_up_at[name]  # back: a later death gets its own RESTART_WAIT_S
         pending = {ref: name for name, ref in self.runs.items() if ref is not None}
         done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0) if pending else ([], [])
+        dead = [pending[ref] for ref in done if pending[ref] in serving]
         for ref in done:
-            name = pending[ref]
-            if name in serving:
-                dead.append(name)
-            self._exited(name, ref, now)
-        for name in self.router.silent(self.heartbeat_s) if self.router is not None else ():
-            if name not in dead and self.runs.get(name) is not None:
-                log.error("instance %s sent nothing for %gs; killing it for Ray to restart", name, self.heartbeat_s)
-                ray.kill(self.actors[name], no_restart=False)
-                self.runs[name] = None
-                dead.append(name)
-                self._retry(name, now)
-        for name, due in list(self._due.items()):
-            if now >= due:
-                del self._due[name]
-                self.start(name)
+            self._exited(pending[ref], ref, now)
+        dead += self._kill_silent(set(dead), now)
+        for name in [n for n, due in self._due.items() if now >= due]:
+            del self._due[name]
+            self.start(name)
         return dead
+
+    def _kill_silent(self, dead: set[str], now: float) -> list[str]:
+        """Serving instances silent for `heartbeat_s` (hung, or cut off): killed, for Ray to restart."""
+        silent = [n for n in (self.router.silent(self.heartbeat_s) if self.router is not None else ())
+                  if n not in dead and self.runs.get(n) is not None]
+        for name in silent:
+            log.error("instance %s sent nothing for %gs; killing it for Ray to restart", name, self.heartbeat_s)
+            ray.kill(self.actors[name], no_restart=False)
+            self.runs[name] = None
+            self._retry(name, now)
+        return silent
 
     def _exited(self, name: str, ref: Any, now: float) -> None:
         self.runs[name] = None
         try:
-            code = ray.get(ref, timeout=0)
-            why = f"instance exited with code {code}"
-        except ray.exceptions.RayActorError as exc:  # its process or node died: Ray restarts the actor
-            why = f"actor unavailable: {type(exc).__name__}"
+            why = f"instance exited with code {ray.get(ref, timeout=0)}"
         except ray.exceptions.RayTaskError as exc:  # the instance raised
             why = str(exc)[-2000:]
             if name not in self.ever_ready:
                 self.failed[name] = why  # it never came up: running it again would only fail again
                 return
+        except ray.exceptions.RayError as exc:  # its process or node died (or is restarting): Ray restarts it
+            why = f"actor unavailable: {type(exc).__name__}"
         self.errors[name] = why
         self._retry(name, now)
 
