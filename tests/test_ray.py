@@ -183,6 +183,49 @@ def test_actor_killed_or_frozen_is_replaced(cluster, tiny_model_dir, tmp_path):
     assert not list_segments(prefix)
     assert all_free()
 
+
+def test_epd_serve_joins_an_existing_cluster(cluster, tmp_path):
+    """`epd serve tiny --ray HOST:PORT` from its own process: instances on the cluster's nodes, the openai
+    client served; SIGTERM removes our actors and placement group and leaves the cluster running."""
+    import signal
+    import sys
+
+    import httpx
+    from openai import OpenAI
+
+    from runtime.server.process import free_port, wait_healthy
+    from server_helpers import data_url
+
+    c, _ = cluster
+    daemons, port, log = ray_daemons(), free_port(), tmp_path / "server.log"
+    spec = topology(tmp_path, ("E", "a"), ("P", "b"), ("D", "b"))
+    args = [sys.executable, "-m", "runtime.cli", "serve", "tiny", "--instances", spec, "--ray", c.address,
+            "--port", str(port), "--kv-cache-mb", "32", "--log-level", "warning"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, 180.0, log)
+        content = [{"type": "image_url", "image_url": {"url": data_url()}}, {"type": "text", "text": "What?"}]
+        reply = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0)
+        assert reply.usage.completion_tokens >= 1
+        info = httpx.get(f"{url}/get_server_info", timeout=30).json()["engine"]
+        assert info["ray"]["address"] == c.address
+        assert len({i["node_id"] for i in info["instances"].values()}) == 2
+        used = {(lk["src"], lk["dst"]): lk["transport"] for lk in info["ray"]["links"]}
+        assert used[("E0", "P0")] == "tcp" and used[("P0", "D0")] == "shm"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    assert all_free(), "the server left actors or its placement group on the cluster"
+    assert ray_daemons() == daemons  # the cluster is not ours: it keeps running
+
 LOAD = SamplingParams(max_new_tokens=24, ignore_eos=True)
 
 
