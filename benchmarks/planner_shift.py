@@ -24,7 +24,7 @@ from runtime.planner.costs import ProfileCosts  # noqa: E402
 from runtime.planner.search import Planner, Resources, gpu_candidates  # noqa: E402
 from runtime.planner.sim import Slo  # noqa: E402
 from runtime.planner.switching import Switcher, SwitchPolicy  # noqa: E402
-from runtime.planner.workload import prepare_all, shapes_of  # noqa: E402
+from runtime.planner.workload import prepare_all, shapes_of, with_output  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "planner" / "shift.json"
 
@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=50.0)
     p.add_argument("--simulate-top", type=int, default=6)
+    p.add_argument("--second-output-len", type=int, default=None,
+                   help="output tokens of the decode-heavy half (default: its 128)")
     p.add_argument("--window-ms", type=float, default=1000.0, help="switching: the sustained window")
     p.add_argument("--out", type=Path, default=OUT)
     return p.parse_args(argv)
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     model = resolve_model("tiny")  # its processor gives Qwen2-VL's image-token counts
     half = args.num_prompts // 2
     enc, dec = shapes("encode-heavy", half, model), shapes("decode-heavy", args.num_prompts - half, model)
+    if args.second_output_len:
+        dec = with_output(dec, args.second_output_len)
     costs = ProfileCosts(load_json(device_profile_path(args.device_profile)), "gpu")
     slo, res = Slo(args.slo_ttft_ms, args.slo_tpot_ms), Resources(gpus=args.gpus)
     specs = gpu_candidates(args.gpus, max(1, args.gpus // 8))
