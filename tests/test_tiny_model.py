@@ -135,3 +135,11 @@ def test_ensure_tiny_model_loses_race_gracefully(tmp_path: Path, monkeypatch: py
     assert ensure_tiny_model("tiny", seed=0) == final
     assert json.loads((final / "config.json").read_text()) == {"winner": True}
     assert [p.name for p in final.parent.iterdir()] == [final.name]
+
+
+
+def test_serve_aliases_resolve_to_cached_checkpoints():
+    from runtime.server.cli import resolve_model
+
+    assert resolve_model("tiny") == str(ensure_tiny_model("tiny"))
+    assert resolve_model("/some/dir") == "/some/dir"

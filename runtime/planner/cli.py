@@ -84,15 +84,9 @@ def bench_requests(args: argparse.Namespace) -> list:
 
 
 def resolve_model(name: str) -> Path:
-    from runtime.server import cli as serve_cli  # the aliases `epd serve` accepts
+    from runtime.server.cli import resolve_model as serve_alias  # the aliases `epd serve` accepts
 
-    if hasattr(serve_cli, "resolve_model"):
-        return Path(serve_cli.resolve_model(name))
-    if name in serve_cli.TINY_ALIASES:  # before `epd serve` had resolve_model
-        from runtime.tiny_model import ensure_tiny_model
-
-        return ensure_tiny_model("tiny", arch=serve_cli.TINY_ALIASES[name])
-    return Path(name)
+    return Path(serve_alias(name))
 
 
 def parse_rates(text: str | None, single: float | None = None) -> list[float] | None:

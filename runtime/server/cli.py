@@ -63,11 +63,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit(f"--instances {args.instances!r}: {exc}") from None
     if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
         raise SystemExit(f"--max-waiting-requests must be at least 1, got {args.max_waiting_requests}")
-    model = args.model
-    if model in TINY_ALIASES:
-        from runtime.tiny_model import ensure_tiny_model
-
-        model = str(ensure_tiny_model("tiny", arch=TINY_ALIASES[model]))
+    model = resolve_model(args.model)
     overrides = {"kv_cache_bytes": args.kv_cache_mb and args.kv_cache_mb << 20,
                  "encoder_cache_bytes": args.encoder_cache_mb and args.encoder_cache_mb << 20,
                  "max_model_len": args.max_model_len,
@@ -86,6 +82,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         graceful_shutdown_s=args.graceful_shutdown,
         engine_overrides={k: v for k, v in overrides.items() if v is not None}, topology=topology,
         transfer=args.transfer, max_waiting_requests=args.max_waiting_requests, ray=args.ray)
+
+
+def resolve_model(name: str) -> str:
+    """A model alias to its checkpoint directory (built and cached on first use); other names pass through."""
+    if name in TINY_ALIASES:
+        from runtime.tiny_model import ensure_tiny_model
+
+        return str(ensure_tiny_model("tiny", arch=TINY_ALIASES[name]))
+    return name
 
 
 def serve(args: argparse.Namespace) -> int:
