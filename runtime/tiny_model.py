@@ -133,22 +133,23 @@ def _serial_tokenizers() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
-def build_tokenizer(arch: str = "qwen2_vl"):
-    """Train a byte-level BPE on stdlib sources and wrap it as a fast tokenizer with the arch's specials
-    (Qwen2-VL's ChatML ones, or LLaVA's `<s>`, `</s>`, `<image>`) and its chat template."""
+def build_tokenizer(arch: str = "qwen2_vl", corpus: list[str] | None = None, vocab_size: int = BPE_VOCAB_SIZE):
+    """Train a byte-level BPE (on stdlib sources unless `corpus` is given) and wrap it as a fast tokenizer
+    with the arch's specials (Qwen2-VL's ChatML ones, or LLaVA's `<s>`, `</s>`, `<image>`) and its chat
+    template."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE,
+        vocab_size=vocab_size,
         min_frequency=2,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     with _serial_tokenizers():
-        bpe.train_from_iterator(_corpus(), trainer=trainer)
+        bpe.train_from_iterator(corpus or _corpus(), trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     # Specials go after the BPE vocab in a fixed order, as in Qwen2-VL, so their ids are predictable.
@@ -173,11 +174,11 @@ def _padded_vocab(n: int, multiple: int = 128) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def build_config(size: str, tokenizer):
-    """A Qwen2VLConfig of the named size whose token ids match `tokenizer`."""
+def build_config(size: str | ModelSize, tokenizer, initializer_range: float = INITIALIZER_RANGE):
+    """A Qwen2VLConfig of the named (or given) size whose token ids match `tokenizer`."""
     from transformers import Qwen2VLConfig
 
-    s = SIZES[size]
+    s = SIZES[size] if isinstance(size, str) else size
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(
         vocab_size=_padded_vocab(len(tokenizer)),
@@ -187,7 +188,7 @@ def build_config(size: str, tokenizer):
         num_attention_heads=s.heads,
         num_key_value_heads=s.kv_heads,
         max_position_embeddings=32768,
-        initializer_range=INITIALIZER_RANGE,
+        initializer_range=initializer_range,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(s.mrope_section)},
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
@@ -202,7 +203,7 @@ def build_config(size: str, tokenizer):
         patch_size=14,
         spatial_merge_size=2,
         temporal_patch_size=2,
-        initializer_range=INITIALIZER_RANGE,
+        initializer_range=initializer_range,
     )
     return Qwen2VLConfig(
         text_config=text,

@@ -125,6 +125,7 @@ def resolve_model(args: argparse.Namespace, url: str) -> str:
 def run_system(args: argparse.Namespace, label: str, url: str, requests: list, warmups: list,
                rates: list[float], stamp: str) -> list[RunPoint]:
     from benchmarks.serving import report
+    from benchmarks.serving.accuracy import accuracy, accuracy_table
     from benchmarks.serving.arrivals import arrival_times
     from benchmarks.serving.client import Target, run_benchmark
     from benchmarks.serving.metrics import Slo, goodput, summarize
@@ -141,13 +142,16 @@ def run_system(args: argparse.Namespace, label: str, url: str, requests: list, w
         out = run_benchmark(target, requests, arrivals, args.max_concurrency, not args.disable_tqdm)
         s = summarize(out.results, out.duration_s, slo)
         print(report.summary_table(f"{label} @ {rate:g} req/s", s, out.client_cpu_s))
+        acc = accuracy(requests, out.results)
+        if acc:
+            print(accuracy_table(acc))
         errors = {r.error for r in out.results if not r.success}
         if errors:
             print(f"errors ({len(errors)} distinct): {sorted(errors)[:3]}")
         path = None
         if args.save_result:
             payload = report.run_payload(label, config_dict(args, target.model), rate, s, out.results,
-                                         out.client_cpu_s)
+                                         out.client_cpu_s) | ({"accuracy": acc} if acc else {})
             path = str(report.write_json(result_path(args, label, f"r{rate:g}", stamp, "json"), payload))
             print(f"saved {path}")
         points.append(RunPoint(rate, s.slo_attainment or 0.0, out.results, path))

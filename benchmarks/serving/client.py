@@ -51,6 +51,8 @@ def encode_body(target: Target, req: BenchRequest) -> bytes:
                   "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     if target.ignore_eos:
         body |= {"ignore_eos": True, "min_tokens": req.output_len}
+    if req.response_format:
+        body["response_format"] = req.response_format
     return json.dumps(body).encode()
 
 
@@ -64,6 +66,7 @@ class _Stream:
     output_tokens: int = 0
     error: str = ""
     finish_reason: str = ""
+    text: str = ""
 
     def feed(self, data: bytes, now: float) -> None:
         obj = json.loads(data)
@@ -72,8 +75,9 @@ class _Stream:
             return
         for choice in obj.get("choices") or ():
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
-            if (choice.get("delta") or {}).get("content"):
+            if content := (choice.get("delta") or {}).get("content"):
                 self.chunks.append(now)
+                self.text += content
         if usage := obj.get("usage"):
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.output_tokens = int(usage.get("completion_tokens") or 0)
@@ -84,7 +88,8 @@ class _Stream:
             return RequestResult(False, self.start - t0, error=error, finish_reason=self.finish_reason)
         itl = tuple(b - a for a, b in zip(self.chunks, self.chunks[1:]))
         return RequestResult(True, self.start - t0, self.chunks[0] - self.start, end - self.start, itl,
-                             self.prompt_tokens, self.output_tokens or len(self.chunks), "", self.finish_reason)
+                             self.prompt_tokens, self.output_tokens or len(self.chunks), "", self.finish_reason,
+                             self.text)
 
 
 async def send(session: aiohttp.ClientSession, target: Target, body: bytes, t0: float) -> RequestResult:

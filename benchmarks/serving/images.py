@@ -58,7 +58,11 @@ def make_image(width: int, height: int, seed: int) -> Image.Image:
 
 @lru_cache(maxsize=4096)
 def image_data_url(width: int, height: int, seed: int, fmt: str = "JPEG") -> str:
+    return pil_data_url(make_image(width, height, seed), fmt)
+
+
+def pil_data_url(img: Image.Image, fmt: str = "PNG") -> str:
     buf = io.BytesIO()
-    make_image(width, height, seed).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     mime = "jpeg" if fmt == "JPEG" else fmt.lower()
     return f"data:image/{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"

@@ -32,6 +32,7 @@ class RequestResult:
     output_tokens: int = 0
     error: str = ""
     finish_reason: str = ""
+    text: str = ""  # the streamed answer
 
     @property
     def tpot(self) -> float | None:

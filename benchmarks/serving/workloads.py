@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.serving.images import image_data_url
+from benchmarks.serving.images import image_data_url, pil_data_url
 
 Rng = np.random.Generator
 Size = tuple[int, int]
@@ -37,6 +37,9 @@ class BenchRequest:
     num_images: int
     dataset: str
     session: str = ""  # multi-turn traces: the conversation this turn belongs to
+    question_kind: str = ""  # datasets with known answers (shapes): the question's kind and its right answer
+    expected: str = ""
+    response_format: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -162,12 +165,25 @@ def shared_prefix(rng: Rng, cfg: WorkloadConfig, i: int) -> BenchRequest:
     return BenchRequest((*few_shot_prefix(cfg), query), cfg.output_len or int(rng.integers(3, 9)), 4, cfg.dataset)
 
 
+def shapes(cfg: WorkloadConfig) -> list[BenchRequest]:
+    # The embedded model's task, on held-out scenes (a seed range training never draws from); answers known.
+    from runtime.shapes.scene import HELD_OUT_SEED, JSON_SCHEMA, held_out
+
+    schema = {"type": "json_schema", "json_schema": {"name": "shapes", "schema": JSON_SCHEMA}}
+    out = []
+    for scene, q in held_out(HELD_OUT_SEED + cfg.seed, cfg.num_prompts):
+        img = {"type": "image_url", "image_url": {"url": pil_data_url(scene.image())}}
+        out.append(BenchRequest((user([img], q.text),), cfg.output_len or 64, 1, cfg.dataset, "", q.kind, q.answer,
+                                schema if q.kind == "json" else None))
+    return out
+
+
 PerRequest = Callable[[Rng, WorkloadConfig, int], BenchRequest]
 PER_REQUEST: dict[str, PerRequest] = {
     "textcaps": textcaps, "pope": pope, "mme": mme, "textvqa": textvqa, "vizwiz": vizwiz,
     "fixed": fixed, "multi-image": multi_image, "shared-prefix": shared_prefix,
 }
-DATASETS = (*PER_REQUEST, "agent")
+DATASETS = (*PER_REQUEST, "agent", "shapes")
 
 
 def build_workload(cfg: WorkloadConfig) -> list[BenchRequest]:
@@ -175,6 +191,8 @@ def build_workload(cfg: WorkloadConfig) -> list[BenchRequest]:
     rng = np.random.default_rng(cfg.seed)
     if cfg.dataset == "agent":
         return agent(rng, cfg)
+    if cfg.dataset == "shapes":
+        return shapes(cfg)
     if cfg.dataset not in PER_REQUEST:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
     return [PER_REQUEST[cfg.dataset](rng, cfg, i) for i in range(cfg.num_prompts)]

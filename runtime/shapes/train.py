@@ -1,0 +1,221 @@
+"""Train the embedded shapes model: a small Qwen2-VL that answers questions about `scene.Scene` images.
+
+    python -m runtime.shapes.train OUT_DIR [--steps N] [--seed S]
+
+Reproducible: the tokenizer, the initial weights and every training scene come from `--seed` (the held-out
+sets use other seeds). The vision tower and the LM are trained jointly, end to end, on multi-turn chats
+about one image each (the first turn is exactly the single-question prompt served at inference; later turns
+add supervision per vision-tower pass), plus the dense probe loss of `runtime.shapes.probe`. The checkpoint
+is saved in fp16 every `--save-every` steps and at the end, each time with a held-out evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from runtime.preprocess import Processor
+from runtime.shapes.probe import Probe, token_targets
+from runtime.shapes.scene import (
+    HELD_OUT_SEED,
+    KINDS,
+    MAX_SIDE,
+    MIN_SIDE,
+    Question,
+    Scene,
+    held_out,
+    is_correct,
+    questions,
+    random_scene,
+)
+from runtime.tiny_model import ModelSize, _write_json, build_config, build_tokenizer, preprocessor_config
+
+MODEL = ModelSize(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, mrope_section=(8, 12, 12),
+                  vision_dim=128, vision_layers=4, vision_heads=4)
+VOCAB_SIZE = 2048
+IGNORE = -100
+PROBE_WEIGHT = 0.5
+
+
+def english_corpus(seed: int) -> list[str]:
+    """Python's own English documentation topics, plus the task's questions and answers."""
+    from pydoc_data.topics import topics
+
+    rng = random.Random(seed)
+    task = [f"{q.text} {q.answer}" for _ in range(300) for q in questions(random_scene(rng, 224, 224))]
+    return list(topics.values()) + task
+
+
+def prepare_dir(out: Path, seed: int) -> Processor:
+    """Write the tokenizer, config and image processor; return the Processor that reads them."""
+    from transformers import GenerationConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer("qwen2_vl", corpus=english_corpus(seed), vocab_size=VOCAB_SIZE)
+    tokenizer.save_pretrained(out)
+    config = build_config(MODEL, tokenizer, initializer_range=0.02)
+    config.save_pretrained(out)
+    text = config.text_config
+    GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=[text.eos_token_id, text.pad_token_id],
+                     pad_token_id=text.pad_token_id, do_sample=False).save_pretrained(out)
+    _write_json(out / "preprocessor_config.json", preprocessor_config())
+    return Processor(out)
+
+
+def chat(scene: Scene, asked: list[Question]) -> list[dict]:
+    first = [{"type": "image", "image": scene.image()}, {"type": "text", "text": asked[0].text}]
+    messages: list[dict] = []
+    for i, q in enumerate(asked):
+        messages.append({"role": "user", "content": first if i == 0 else q.text})
+        messages.append({"role": "assistant", "content": q.answer})
+    return messages
+
+
+def example(processor: Processor, scene: Scene, asked: list[Question]):
+    """Token ids, labels (only the answers and their end token) and the image input for one chat."""
+    prepared = processor.prepare(chat(scene, asked), add_generation_prompt=False)
+    ids = list(prepared.input_ids)
+    labels = [IGNORE] * len(ids)
+    tok = processor.tokenizer
+    header = [tok.convert_tokens_to_ids("<|im_start|>")] + tok.encode("assistant\n")
+    starts = [i + len(header) for i in range(len(ids)) if ids[i:i + len(header)] == header]
+    for start, q in zip(starts, asked, strict=True):
+        answer = tok.encode(q.answer) + [tok.convert_tokens_to_ids("<|im_end|>")]
+        assert ids[start:start + len(answer)] == answer, "answer tokens differ from their standalone encoding"
+        labels[start:start + len(answer)] = answer
+    return ids, labels, prepared.images[0]
+
+
+def sample_questions(rng: random.Random, scene: Scene) -> list[Question]:
+    """1-4 questions, each of a kind drawn uniformly from the kinds this scene has."""
+    by_kind: dict[str, list[Question]] = {}
+    for q in questions(scene):
+        by_kind.setdefault(q.kind, []).append(q)
+    kinds = sorted(by_kind)
+    return [rng.choice(by_kind[rng.choice(kinds)]) for _ in range(rng.randint(1, 4))]
+
+
+def training_scene(rng: random.Random) -> Scene:
+    """A third of the scenes at any size, the rest at most 280 px a side (cheaper; the small end is the
+    hardest)."""
+    top = MAX_SIDE if rng.random() < 1 / 3 else 280
+    return random_scene(rng, rng.randrange(MIN_SIDE, top + 1), rng.randrange(MIN_SIDE, top + 1))
+
+
+def make_batch(processor: Processor, rng: random.Random, size: int, pad_id: int) -> tuple[dict, torch.Tensor]:
+    """Model inputs for `size` chats (right-padded) and the probe targets of their image tokens."""
+    rows, targets = [], []
+    for _ in range(size):
+        scene = training_scene(rng)
+        rows.append(example(processor, scene, sample_questions(rng, scene)))
+        targets.append(token_targets(scene, rows[-1][2].grid_thw))
+    width = max(len(ids) for ids, _, _ in rows)
+    ids = torch.full((size, width), pad_id)
+    labels = torch.full((size, width), IGNORE)
+    mask = torch.zeros((size, width), dtype=torch.long)
+    for i, (row_ids, row_labels, _) in enumerate(rows):
+        ids[i, :len(row_ids)], labels[i, :len(row_ids)], mask[i, :len(row_ids)] = (
+            torch.tensor(row_ids), torch.tensor(row_labels), 1)
+    inputs = {"input_ids": ids, "labels": labels, "attention_mask": mask,
+              "mm_token_type_ids": (ids == processor.image_token_id).int(),
+              "pixel_values": torch.cat([img.pixel_values for _, _, img in rows]),
+              "image_grid_thw": torch.tensor([img.grid_thw for _, _, img in rows])}
+    return inputs, torch.cat(targets)
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up, constant, then linear decay to zero over the last quarter."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    decay_from = int(steps * 0.75)
+    return peak if step < decay_from else peak * (steps - step) / max(1, steps - decay_from)
+
+
+@torch.no_grad()
+def evaluate(model, processor: Processor, n: int, seed: int = HELD_OUT_SEED) -> dict[str, float]:
+    """Greedy accuracy per question kind on `n` held-out (scene, question) pairs."""
+    model.eval()
+    right = {k: [] for k in KINDS}
+    for scene, q in held_out(seed, n):
+        prepared = processor.prepare([{"role": "user", "content": [
+            {"type": "image", "image": scene.image()}, {"type": "text", "text": q.text}]}])
+        img, ids = prepared.images[0], torch.tensor([prepared.input_ids])
+        out = model.generate(input_ids=ids, pixel_values=img.pixel_values, image_grid_thw=torch.tensor([img.grid_thw]),
+                             mm_token_type_ids=(ids == processor.image_token_id).int(), max_new_tokens=48,
+                             do_sample=False)
+        reply = processor.tokenizer.decode(out[0, len(prepared.input_ids):], skip_special_tokens=True)
+        right[q.kind].append(is_correct(q, reply))
+    model.train()
+    return {k: sum(v) / len(v) for k, v in right.items() if v}
+
+
+def train(out: Path, steps: int, batch: int, lr: float, seed: int, save_every: int, eval_n: int,
+          init: Path | None = None) -> None:
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    processor = prepare_dir(out, 0)  # the tokenizer is always seed 0's, so a later stage can start from `init`
+    if init is None:
+        model = Qwen2VLForConditionalGeneration(AutoConfig.from_pretrained(out))
+    else:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    model = model.to(torch.float32).train()
+    probe = Probe(model, MODEL.hidden)
+    params = list(model.parameters()) + list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    rng, pad_id = random.Random(seed), processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    t0, smooth = time.time(), (0.0, 0.0)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        inputs, targets = make_batch(processor, rng, batch, pad_id)
+        lm_loss = model(**inputs).loss
+        probe_loss = probe.loss(targets)
+        probe.tokens = None
+        opt.zero_grad(set_to_none=True)
+        (lm_loss + PROBE_WEIGHT * probe_loss).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        k = 0.0 if step == 0 else 0.95
+        smooth = (k * smooth[0] + (1 - k) * lm_loss.item(), k * smooth[1] + (1 - k) * probe_loss.item())
+        if step % 25 == 0:
+            print(f"step {step} lm {smooth[0]:.4f} probe {smooth[1]:.4f} lr {lr_at(step, steps, lr):.2e} "
+                  f"{time.time() - t0:.0f}s", flush=True)
+        if (step + 1) % save_every == 0 or step == steps - 1:
+            save(model, out)
+            print(f"saved at step {step + 1} ({time.time() - t0:.0f}s); held-out accuracy "
+                  f"{evaluate(model, processor, eval_n)}", flush=True)
+
+
+def save(model: torch.nn.Module, out: Path) -> None:
+    """The fp16 checkpoint, leaving the fp32 training weights as they are."""
+    half = {k: v.detach().to(torch.float16) for k, v in model.state_dict().items()}
+    dtype, model.config.dtype = model.config.dtype, torch.float16
+    try:
+        model.save_pretrained(out, state_dict=half, safe_serialization=True)
+    finally:
+        model.config.dtype = dtype
+    (out / "model.safetensors").chmod(0o644)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--eval-n", type=int, default=36, help="held-out questions asked at each save")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init", type=Path, default=None, help="start from this checkpoint (a later training stage)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    train(args.out, args.steps, args.batch, args.lr, args.seed, args.save_every, args.eval_n, args.init)
+
+
+if __name__ == "__main__":
+    main()
