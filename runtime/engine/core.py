@@ -57,7 +57,8 @@ class Engine:
         self.model_path = str(model)
         self.processor = Processor(model)
         self.model = load_model(model, dtype=getattr(torch, self.config.dtype), device=self.config.device,
-                                load_vision=self.config.load_vision, load_lm=self.config.load_lm)
+                                load_vision=self.config.load_vision, load_lm=self.config.load_lm,
+                                linear_backend=self.config.linear_backend)
         self.kv_pool = build_kv(self.model.config, self.config)
         self.kv = build_kv_manager(self.kv_pool, self.config, self.model.config.image_token_id)
         self.encoder_cache = EncoderCache(self.config.encoder_cache_bytes)

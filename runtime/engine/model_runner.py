@@ -61,6 +61,8 @@ class ModelRunner:
         return out
 
     def _build(self, chunks: list[Chunk], is_decode: bool) -> tuple[ForwardBatch, list[tuple[int, bool]]]:
+        if is_decode:
+            return self._build_decode(chunks), [(0, True)] * len(chunks)
         ids, pos, slots, logit_rows, spans, embeds, image_rows = [], [], [], [], [], [], []
         offset = 0
         for c in chunks:
@@ -91,6 +93,23 @@ class ModelRunner:
         )
         return batch, spans
 
+    def _build_decode(self, chunks: list[Chunk]) -> ForwardBatch:
+        """One new token per sequence, built from Python ints: no per-request tensor ops."""
+        ps, ids, pos, slots = self.page_size, [], [], []
+        for c in chunks:
+            req, i = c.req, c.start
+            ids.append(req.token_ids(i, i + 1)[0])
+            pos.append([i + req.rope_delta] * 3 if i >= req.prompt_len else req.positions[:, i].tolist())
+            slots.append(req.pages[i // ps] * ps + i % ps)
+        n = len(chunks)
+        return ForwardBatch(
+            is_decode=True, input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(pos, dtype=torch.long).T.contiguous(),
+            extend_lens=[1] * n, seq_lens=[c.end for c in chunks],
+            block_tables=self._block_tables([c.req.pages for c in chunks]),
+            out_slots=torch.tensor(slots, dtype=torch.long), logits_indices=torch.arange(n),
+            image_embeds=None, image_rows=torch.zeros(0, dtype=torch.long))
+
     def _slots(self, pages: list[int], start: int, end: int) -> torch.Tensor:
         idx = torch.arange(start, end)
         table = torch.tensor(pages, dtype=torch.long)
@@ -99,10 +118,7 @@ class ModelRunner:
     @staticmethod
     def _block_tables(tables: list[list[int]]) -> torch.Tensor:
         width = max(len(t) for t in tables)
-        out = torch.full((len(tables), width), -1, dtype=torch.long)
-        for i, t in enumerate(tables):
-            out[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        return out
+        return torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.long)
 
     def _image_rows(self, c: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Chunk-relative rows of prompt image tokens, and their embeddings (generated tokens are text)."""

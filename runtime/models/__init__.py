@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from runtime.models.config import ModelConfig, model_config_from_hf
+from runtime.models.linear import pack_linears
 from runtime.models.llava import LlavaForConditionalGeneration
 from runtime.models.qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from runtime.models.weights import iter_weights, load_weights
@@ -34,7 +35,8 @@ def read_config(path: str | Path, dtype: torch.dtype = torch.float32) -> ModelCo
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               load_vision: bool = True, load_lm: bool = True, attn_backend: str = "auto"):
+               load_vision: bool = True, load_lm: bool = True, attn_backend: str = "auto",
+               linear_backend: str = "auto"):
     """Build the registered model for the checkpoint's architecture and load the requested parts."""
     if not (load_vision or load_lm):
         raise ValueError("load at least one of the vision tower and the language model")
@@ -46,6 +48,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
     wanted = ("visual.",) * load_vision + ("lm.",) * load_lm
     skip = ("lm.lm_head.weight",) if config.text.tie_word_embeddings else ()
     load_weights(model, iter_weights(Path(path), wanted, cls.checkpoint_prefixes), skip)
+    if model.lm is not None:
+        pack_linears(model.lm, linear_backend)
     return model.eval()
 
 

@@ -88,6 +88,13 @@ def gather(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return pool.index_select(0, index.reshape(-1)).view(b, n, *pool.shape[1:]).transpose(1, 2)
 
 
+def gather_pages(pool: torch.Tensor, pages: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Whole pages `[B, P]` of the pool as `[B, Hkv, P * page_size, D]`: one block copy per page, not per slot."""
+    b, n = pages.shape
+    paged = pool.view(-1, page_size * pool.shape[1] * pool.shape[2])
+    return paged.index_select(0, pages.reshape(-1)).view(b, n * page_size, *pool.shape[1:]).transpose(1, 2)
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
     """SDPA on `[B, H, L, D]`; grouped-query heads are shared without materialising repeats."""
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kw)
@@ -108,17 +115,21 @@ class SdpaBackend(AttentionBackend):
     def plan(self, batch: ForwardBatch, page_size: int, device: torch.device) -> AttnPlan:
         plan = _base_plan(batch, page_size, device)
         prefix, ext, lens, max_q = plan.prefix_lens, plan.extend_lens, plan.seq_lens, plan.max_q
-        if batch.is_decode or self.prefill_mode == "padded":
+        if batch.is_decode:
+            pages = batch.block_tables.to(device).clamp_min(0)  # padding reads page 0, masked out
+            plan.extra["pages"], plan.extra["page_size"] = pages, page_size
+            plan.mask = _padded_mask(prefix, ext, lens, max_q, device, width=pages.shape[1] * page_size)
+        elif self.prefill_mode == "padded":
             plan.mask = _padded_mask(prefix, ext, lens, max_q, device)
-            if not batch.is_decode:
-                plan.q_dest = _padded_rows(ext, max_q, device)
+            plan.q_dest = _padded_rows(ext, max_q, device)
         else:
             plan.extra["seq_masks"] = [_prefix_mask(p, e, device) if p else None for p, e in zip(prefix, ext)]
         return plan
 
     def decode(self, q, k_pool, v_pool, plan):
         b, h, d = q.shape
-        k, v = gather(k_pool, plan.kv_index), gather(v_pool, plan.kv_index)  # [B, Hkv, Lk, D]
+        pages, ps = plan.extra["pages"], plan.extra["page_size"]
+        k, v = gather_pages(k_pool, pages, ps), gather_pages(v_pool, pages, ps)  # [B, Hkv, Lk, D]
         # The query heads sharing a KV head become that head's query rows: no GQA expansion, and
         # the CPU kernel gets several rows per (sequence, head) instead of one.
         out = _sdpa(q.view(b, k.shape[1], -1, d), k, v, attn_mask=plan.mask)
@@ -169,12 +180,12 @@ def _prefix_mask(prefix: int, ext: int, device: torch.device) -> torch.Tensor:
 
 
 def _padded_mask(prefix: list[int], ext: list[int], lens: list[int], max_q: int,
-                 device: torch.device) -> torch.Tensor:
-    """`[B, 1, max_q, max_len]`; padded query rows see position 0 so that no softmax row is empty."""
+                 device: torch.device, width: int | None = None) -> torch.Tensor:
+    """`[B, 1, max_q, width or max_len]`; padded query rows see position 0 so that no softmax row is empty."""
     p = torch.tensor(prefix, device=device)[:, None, None]
     e = torch.tensor(ext, device=device)[:, None, None]
     qi = torch.arange(max_q, device=device)[None, :, None]
-    kpos = torch.arange(max(lens), device=device)[None, None, :]
+    kpos = torch.arange(width or max(lens), device=device)[None, None, :]
     mask = (kpos <= p + qi) | ((qi >= e) & (kpos == 0))
     return mask[:, None]
 

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.models.linear import Linear
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
@@ -38,7 +40,7 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-class MergedLinear(nn.Linear):
+class MergedLinear(Linear):
     """Several checkpoint projections stacked along the output axis (q/k/v, gate/up): one matmul.
 
     `shard_sizes` tells the weight loader where each checkpoint tensor goes.
@@ -55,7 +57,7 @@ class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str, bias: bool) -> None:
         super().__init__()
         self.gate_up_proj = MergedLinear(dim, [hidden, hidden], bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.down_proj = Linear(hidden, dim, bias=bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

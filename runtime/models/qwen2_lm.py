@@ -6,13 +6,13 @@ LLaVA's Llama LM is the same decoder: only the projection biases differ (TextCon
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from runtime.models.attention import AttentionBackend, AttnPlan
 from runtime.models.config import TextConfig
 from runtime.models.forward_batch import ForwardBatch, KVPool
 from runtime.models.layers import MergedLinear, RMSNorm, SwiGLU, apply_rope
+from runtime.models.linear import Linear
 from runtime.models.rope import MRope
 
 
@@ -22,7 +22,7 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(cfg.hidden_size, [q, kv, kv], bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = Linear(q, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, kv: KVPool,
                 out_slots: torch.Tensor, backend: AttentionBackend, plan: AttnPlan) -> torch.Tensor:
@@ -63,7 +63,7 @@ class Qwen2LM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope: MRope | None = None  # built by `setup` once weights are on their device
 
     def setup(self, device: torch.device) -> None:
@@ -96,4 +96,4 @@ class Qwen2LM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, kv, out_slots, backend, plan)
         x = self.norm(x[batch.logits_indices.to(device)])
-        return F.linear(x, self.lm_head.weight).float()
+        return self.lm_head(x).float()
