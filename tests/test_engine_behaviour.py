@@ -153,3 +153,36 @@ def test_generated_image_pad_token_is_plain_text(engine, processor):
             break
     assert outs[-1].finish_reason == "length" and outs[-1].error is None
     engine.check_integrity()
+
+
+def test_encoder_and_lm_threads_split_the_cores_only_while_both_work(tiny_model_dir, red_image):
+    import torch
+
+    eng = Engine(tiny_model_dir, num_threads=2, overlap_encode=True)
+    seen: list[tuple[str, int, bool]] = []
+    encode, run = eng.runner.encode, eng.runner.run
+    eng.runner.encode = lambda *a: seen.append(("E", torch.get_num_threads(), eng._lm_busy)) or encode(*a)
+    eng.runner.run = lambda *a: seen.append(("LM", torch.get_num_threads(), eng._encode_job is not None)) or run(*a)
+    text = eng.add_request(prompt="a long story " * 8, sampling_params=SamplingParams(max_new_tokens=40))
+    for _ in range(3):
+        eng.step()  # the text request alone: prefill, then decode with both threads
+    eng.add_request(**_ask(red_image, "What is it?"), sampling_params=GREEDY)
+    for _ in range(200):
+        if not eng.has_unfinished():
+            break
+        eng.step()
+    assert not eng.has_unfinished() and text not in eng.reqs
+    assert ("LM", 2, False) in seen and ("E", 1, True) in seen  # encode beside decode: one thread each
+    assert all(n == (1 if beside else 2) for _, n, beside in seen)
+
+
+def test_without_overlap_every_stage_keeps_all_threads(tiny_model_dir, red_image):
+    import torch
+
+    eng = Engine(tiny_model_dir, num_threads=2, overlap_encode=False)
+    seen: list[int] = []
+    encode, run = eng.runner.encode, eng.runner.run
+    eng.runner.encode = lambda *a: seen.append(torch.get_num_threads()) or encode(*a)
+    eng.runner.run = lambda *a: seen.append(torch.get_num_threads()) or run(*a)
+    eng.generate([_ask(red_image, "What is it?"), {"prompt": "a long story " * 8}], GREEDY)
+    assert len(seen) > 3 and set(seen) == {2}

@@ -107,6 +107,9 @@ class RoleEngine(Engine):
     def has_unfinished(self) -> bool:
         return super().has_unfinished() or bool(self._adoptions)
 
+    def _encoding_beside(self) -> bool:
+        return super()._encoding_beside() or self.encode_jobs_open > 0
+
     def step(self) -> list[RequestOutput]:
         adopted = self._adopt_pending()
         outputs = super().step() if super().has_unfinished() else []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections import Counter
@@ -71,6 +72,12 @@ class Engine:
         self.stage_seconds: Counter[str] = Counter()
         self._grammar = None
         overlap = self.config.overlap_encode and None not in (self.model.visual, self.model.lm)
+        # Encoder and LM threads each run their own OpenMP team (the thread count is per thread): while
+        # both work they get half the threads each, or twice as many threads as cores fight.
+        self._threads = torch.get_num_threads()
+        self._split_threads = self.config.device == "cpu" and None not in (self.model.visual, self.model.lm)
+        self._lm_busy = False
+        self._loop_thread = threading.get_ident()  # an encode run inline here has nothing beside it
         self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="encoder") if overlap else None
         self._encode_job: tuple[Future, list] | None = None
         self.idle = False
@@ -158,12 +165,14 @@ class Engine:
         """One scheduler step. Afterwards `idle` says that it could do nothing (it waits on outside input)."""
         encoded = self._finish_encode(wait=False)
         plan = self.scheduler.schedule(allow_encode=self.model.visual is not None and self._encode_job is None)
+        self._lm_busy = bool(plan.decode or plan.prefill)
         if plan.encode:
             self._start_encode(plan.encode)
         batches = [(plan.decode, True), (plan.prefill, False)]
         if self.config.schedule_policy == "prefill-first":
             batches.reverse()
         ran_lm = False
+        self._share_threads(self._encoding_beside())
         for chunks, is_decode in batches:
             if chunks:
                 self._run_lm(chunks, is_decode)
@@ -184,7 +193,15 @@ class Engine:
         future = self._encoder_pool.submit(job) if self._encoder_pool else _done(job)
         self._encode_job = (future, list(todo.values()))
 
+    def _share_threads(self, other_stage_busy: bool) -> None:
+        if self._split_threads:
+            torch.set_num_threads(max(1, self._threads // 2) if other_stage_busy else self._threads)
+
+    def _encoding_beside(self) -> bool:
+        return self._encode_job is not None and not self._encode_job[0].done()
+
     def _timed_encode(self, images: list) -> list[torch.Tensor]:
+        self._share_threads(self._lm_busy and threading.get_ident() != self._loop_thread)
         t0 = time.perf_counter()
         out = self.runner.encode([im.pixel_values for im in images], [im.grid_thw for im in images])
         self.stage_seconds["encode"] += time.perf_counter() - t0

@@ -9,7 +9,10 @@ from runtime.models.linear import Linear
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
+    """x * sigmoid(1.702 x), with one temporary instead of three (the same roundings: products commute)."""
+    if x.requires_grad:
+        return x * torch.sigmoid(1.702 * x)
+    return (x * 1.702).sigmoid_().mul_(x)
 
 
 ACTIVATIONS = {
@@ -71,5 +74,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `[T, H, D]`, cos/sin `[T, D]`."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    """x `[T, H, D]`, cos/sin `[T, D]`: `x * cos + rotate_half(x) * sin`, written half by half into one
+    output (fewer passes over memory; each element gets the same two products and one sum)."""
+    if x.requires_grad:
+        return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    h = x.shape[-1] // 2
+    out = x * cos[:, None]
+    out[..., :h] -= x[..., h:] * sin[:, None, :h]
+    out[..., h:] += x[..., :h] * sin[:, None, h:]
+    return out
