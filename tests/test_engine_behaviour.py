@@ -1,6 +1,8 @@
 """Engine behaviour on the real tiny model: caches, preemption, abort and bad input."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from epdlang.errors import ImageError, InvalidRequest, InvalidSamplingParams, PromptTooLong
@@ -155,25 +157,48 @@ def test_generated_image_pad_token_is_plain_text(engine, processor):
     engine.check_integrity()
 
 
-def test_encoder_and_lm_threads_split_the_cores_only_while_both_work(tiny_model_dir, red_image):
+def test_encoder_and_lm_threads_split_the_cores_only_while_both_work(tiny_model_dir, red_image, blue_image):
     import torch
 
     eng = Engine(tiny_model_dir, num_threads=2, overlap_encode=True)
     seen: list[tuple[str, int, bool]] = []
     encode, run = eng.runner.encode, eng.runner.run
     eng.runner.encode = lambda *a: seen.append(("E", torch.get_num_threads(), eng._lm_busy)) or encode(*a)
-    eng.runner.run = lambda *a: seen.append(("LM", torch.get_num_threads(), eng._encode_job is not None)) or run(*a)
+    eng.runner.run = lambda *a: seen.append(("LM", torch.get_num_threads(), eng._encoding_beside())) or run(*a)
     text = eng.add_request(prompt="a long story " * 8, sampling_params=SamplingParams(max_new_tokens=40))
     for _ in range(3):
         eng.step()  # the text request alone: prefill, then decode with both threads
     eng.add_request(**_ask(red_image, "What is it?"), sampling_params=GREEDY)
-    for _ in range(200):
+    eng.add_request(**_ask(blue_image, "What is it?"), sampling_params=GREEDY)
+    for _ in range(300):
         if not eng.has_unfinished():
             break
         eng.step()
     assert not eng.has_unfinished() and text not in eng.reqs
-    assert ("LM", 2, False) in seen and ("E", 1, True) in seen  # encode beside decode: one thread each
-    assert all(n == (1 if beside else 2) for _, n, beside in seen)
+    assert ("LM", 2, False) in seen and ("E", 2, False) in seen
+    # the encoder halves its threads beside a prefill; the LM halves its own while the encoder runs
+    assert all(n == (1 if busy else 2) for _, n, busy in seen)
+
+
+def test_decode_steps_are_paced_while_the_encoder_runs(tiny_model_dir):
+    from images import make_image
+
+    eng = Engine(tiny_model_dir, overlap_encode=True, decode_interval_ms=40.0, enable_prefix_cache=False)
+    stamps: list[tuple[float, bool]] = []
+    run = eng.runner.run
+    eng.runner.run = lambda chunks, is_decode: (is_decode and stamps.append(
+        (time.perf_counter(), eng._encoding_beside()))) or run(chunks, is_decode)
+    eng.add_request(prompt="a long story " * 8, sampling_params=SamplingParams(max_new_tokens=60))
+    for _ in range(3):
+        eng.step()
+    eng.add_request(**_ask(make_image("teal", (896, 896)), "What is it?"), sampling_params=GREEDY)
+    for _ in range(2000):
+        if not eng.has_unfinished():
+            break
+        eng.step()
+    beside = [t for t, enc in stamps if enc]
+    assert len(beside) >= 2, "the big image should keep the encoder busy over several decode steps"
+    assert all(b - a >= 0.039 for a, b in zip(beside, beside[1:]))
 
 
 def test_without_overlap_every_stage_keeps_all_threads(tiny_model_dir, red_image):
