@@ -7,6 +7,7 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -224,13 +225,10 @@ class Engine:
         if self._encode_job is None:
             return False
         future, todo = self._encode_job
+        if wait != 0 and not future.done():
+            wait_for([future], timeout=wait)
         if not future.done():
-            if wait == 0:
-                return False
-            try:
-                future.exception(timeout=wait)
-            except TimeoutError:
-                return False
+            return False
         self._encode_job = None
         for (image, users), emb in zip(todo, future.result()):
             self.encoder_cache.put(image.content_hash, emb)
