@@ -14,8 +14,8 @@ import json
 import torch
 
 from epdlang.sampling import SamplingParams
+from runtime.engine.calibrate import best_ms
 from runtime.engine.core import Engine
-from runtime.planner.profile import best_ms
 from runtime.tiny_model import ensure_tiny_model
 
 

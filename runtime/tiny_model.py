@@ -216,8 +216,9 @@ def build_config(size: str | ModelSize, tokenizer, initializer_range: float = IN
     )
 
 
-def preprocessor_config() -> dict:
-    """Qwen2-VL's image processor settings (loads as Qwen2VLImageProcessorPil without torchvision)."""
+def preprocessor_config(max_pixels: int = 1280 * 28 * 28) -> dict:
+    """Qwen2-VL's image processor settings (loads as Qwen2VLImageProcessorPil without torchvision); larger
+    images are resized down to at most `max_pixels`."""
     return {
         "image_processor_type": "Qwen2VLImageProcessor",
         "do_resize": True,
@@ -229,7 +230,7 @@ def preprocessor_config() -> dict:
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711],
         "min_pixels": 56 * 56,
-        "max_pixels": 1280 * 28 * 28,
+        "max_pixels": max_pixels,
         "patch_size": 14,
         "temporal_patch_size": 2,
         "merge_size": 2,
@@ -271,7 +272,7 @@ def clip_preprocessor_config() -> dict:
     }
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -299,7 +300,7 @@ def build_tiny_model(out_dir: str | os.PathLike, size: str = "tiny", seed: int =
                                                pad_token_id=text.pad_token_id, do_sample=False)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    _write_json(out / "preprocessor_config.json", clip_preprocessor_config() if llava else preprocessor_config())
+    write_json(out / "preprocessor_config.json", clip_preprocessor_config() if llava else preprocessor_config())
     return out
 
 

@@ -42,12 +42,13 @@ async def switch_under_load(dep: Deployment, msgs: list, name: str, roles: str) 
 
 
 def test_a_switch_under_load_loses_no_request_and_keeps_greedy_outputs(tiny_model_dir):
-    # wave 2 is raw prompts that share no prefix: the router picks P by cached prefix first, so chat
-    # requests (one template prefix) would all stay on the P that has it
+    # wave 2: raw prompts that share no prefix; wave 3: a burst of chats that share the template prefix,
+    # which the router's prefix affinity would keep on P0 if it did not weigh load too
     wave1 = requests(8)
     wave2 = [{"prompt": f"{w} is the word number {i}"} for i, w in enumerate(("Apple", "Seven", "Quiet", "Zebra"))]
+    wave3 = [{"messages": [{"role": "user", "content": f"Chat {i}."}]} for i in range(24)]  # one template prefix
     engine = Engine(tiny_model_dir, **ENGINE_ARGS)
-    expected = [engine.generate(dict(r), GREEDY)[0].token_ids for r in wave1 + wave2]
+    expected = [engine.generate(dict(r), GREEDY)[0].token_ids for r in wave1 + wave2 + wave3]
     with Deployment(tiny_model_dir, "2E,P,D", role_switching=True, **ENGINE_ARGS) as dep:
         router = dep.router
         first = asyncio.run(switch_under_load(dep, [prepare(dep, r, GREEDY) for r in wave1], "E1", "P"))
@@ -57,11 +58,17 @@ def test_a_switch_under_load_loses_no_request_and_keeps_greedy_outputs(tiny_mode
         assert router.views["E1"].roles == frozenset("P") and router.views["E1"].draining_to is None
         msgs = [prepare(dep, r, GREEDY) for r in wave2]
         second = run_all(dep, msgs, 180)
-        assert [tokens(out) for out in second] == expected[len(wave1):]
+        assert [tokens(out) for out in second] == expected[len(wave1):len(wave1) + len(wave2)]
         snap = dep.snapshot_now()
         assert snap["router_role_switches"] == 1
         assert snap["instances"]["E1"]["stats_prefill_tokens"] > 0  # the former encoder now prefills
         assert snap["instances"]["E0"]["stats_images_encoded"] > 0
+        assert (snap["instances"]["E1"]["roles"], snap["instances"]["E1"]["launched_roles"]) == ("P", "E")
+        before = snap["instances"]["E1"]["stats_prefill_tokens"]
+        third = run_all(dep, [prepare(dep, r, GREEDY) for r in wave3], 180)
+        assert [tokens(out) for out in third] == expected[len(wave1) + len(wave2):]
+        # chat traffic shares the template prefix that P0 holds; the new P still gets its share of a burst
+        assert dep.snapshot_now()["instances"]["E1"]["stats_prefill_tokens"] > before
 
 
 def test_a_switch_is_counted_on_metrics():

@@ -46,6 +46,20 @@ def test_prefill_prefers_longest_cached_prefix_then_load():
     assert pick_prefill([], chain) is None
 
 
+def test_prefill_affinity_yields_to_an_idle_instance():
+    """A P with no cached prefix (say, just switched to P) still gets shared-prefix traffic once the
+    instance holding the prefix is far ahead in load."""
+    chain = chunk_chain(list(range(64)), 16)
+    warm, cold = _view("P0", "P", inflight=8), _view("P1", "P")
+    for h in chain:
+        warm.chunks.add(h)
+    assert pick_prefill([warm, cold], chain) is warm  # within BALANCE_ABS of the least loaded
+    warm.inflight = 9
+    assert pick_prefill([warm, cold], chain) is cold
+    cold.inflight = 8  # both busy: 9 is within 1.5x of 8, so affinity wins again
+    assert pick_prefill([warm, cold], chain) is warm
+
+
 def test_decode_prefers_free_pages_then_load():
     d0, d1 = _view("D0", "D", free_pages=1000), _view("D1", "D", free_pages=100)
     assert pick_decode([d0, d1]) is d0

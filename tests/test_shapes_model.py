@@ -57,8 +57,8 @@ def test_answers_and_grading():
 def test_probe_targets_follow_the_merge_windows(processor):
     scene = Scene(224, 168, "black", (Shape("circle", "blue", 30, 63, 64),))
     img = processor.process_image(scene.image())
-    targets = token_targets(scene, img.grid_thw)
-    assert targets.shape == (img.num_tokens, 4)
+    targets = token_targets(scene, img.grid_thw, image=2)
+    assert targets.shape == (img.num_tokens, 5) and set(targets[:, 4].tolist()) == {2}
     rows, cols = img.grid_thw[1] // 2, img.grid_thw[2] // 2
     rank = targets[:, 2].reshape(rows, cols)
     assert rank[3, 2] == 1 and rank[0, 0] == 0 and rank[:, 5:].sum() == 0  # the circle spans x 30-94, y 63-127
@@ -75,7 +75,7 @@ def test_trainer_writes_a_checkpoint_our_engine_and_transformers_agree_on(tmp_pa
     from runtime.preprocess import Processor
     from runtime.shapes.train import train
 
-    train(tmp_path / "m", steps=2, batch=2, lr=1e-3, seed=0, save_every=2, eval_n=0)
+    train(tmp_path / "m", steps=2, vision_steps=2, batch=2, lr=1e-3, seed=0, save_every=2, eval_n=0)
     processor = Processor(tmp_path / "m")
     scene = random_scene(random.Random(3))
     messages = [{"role": "user", "content": [{"type": "image", "image": scene.image()},
@@ -98,3 +98,25 @@ def test_bench_shapes_workload_knows_its_answers():
     acc = accuracy(reqs, results)
     assert sum(v["total"] for v in acc.values()) == 12
     assert sum(v["right"] for v in acc.values()) == 5
+
+
+def test_probe_reads_a_shapes_kind_from_the_mean_of_its_tokens():
+    import torch
+
+    from runtime.shapes.probe import Probe
+
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.visual = torch.nn.Module()
+    model.model.visual.merger = torch.nn.Identity()
+    probe = Probe(model, 8)
+    tokens = torch.randn(5, 8)
+    # colour, kind, rank, count, image: image 0 has a shape (rank 1) over tokens 0-1; image 1 has two
+    targets = torch.tensor([[1, 2, 1, 0, 0], [1, 2, 1, 0, 0], [0, 0, 0, 0, 0], [3, 1, 1, 1, 1], [2, 3, 2, 1, 1]])
+    model.model.visual.merger(tokens)  # the hook captures the merged tokens
+    losses = probe.losses(targets)
+    pooled = torch.stack([tokens[:2].mean(0), tokens[3], tokens[4]])
+    want = torch.nn.functional.cross_entropy(probe.heads[1](pooled), torch.tensor([2, 1, 3]))
+    assert torch.allclose(losses["shape"], want) and probe.tokens is None
+    assert torch.allclose(losses["color"], torch.nn.functional.cross_entropy(
+        probe.heads[0](tokens[[0, 1, 3, 4]]), torch.tensor([1, 1, 3, 2])))

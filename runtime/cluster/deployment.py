@@ -21,6 +21,7 @@ import zmq
 
 from runtime.cluster.instance import InstanceConfig
 from runtime.cluster.launcher import Launcher, describe
+from runtime.cluster.role_switch import role_str
 from runtime.cluster.router import Router
 from runtime.cluster.topology import Topology, parse_topology
 from runtime.cluster.transfer import make_transfer, sweep_segments
@@ -188,12 +189,15 @@ class Deployment:
             values = [r[rate] for r in per.values() if rate in r]
             if values:
                 total[rate] = sum(values) / len(values)
-        views = {v.name: {"inflight": v.inflight, "encode_tokens": v.encode_tokens, "free_pages": v.free_pages}
+        views = {v.name: {"inflight": v.inflight, "encode_tokens": v.encode_tokens, "free_pages": v.free_pages,
+                          "roles": role_str(v.roles),  # after a role switch, not the launched ones
+                          "draining_to": None if v.draining_to is None else role_str(v.draining_to)}
                  for v in list(self.router.views.values())}
         total |= {f"router_{k}": v for k, v in self.router.stats.items()}
         pids = self.launcher.pids()
         placement = self.router.placement() if self.ray else {"instances": {}}
-        total["instances"] = {name: {**describe(spec), **per.get(name, {}), **views.get(name, {}),
+        total["instances"] = {name: {**describe(spec), "launched_roles": spec.role_str, **per.get(name, {}),
+                                     **views.get(name, {}),
                                      "pid": pids.get(name), "ready": name in self.router.views,
                                      **placement["instances"].get(name, {})}
                               for name, spec in self.launcher.specs.items()}

@@ -18,6 +18,7 @@ from runtime.messages import GenerateRequest
 
 MAX_CHUNKS_PER_INSTANCE = 1 << 16
 MAX_HASHES_PER_INSTANCE = 1 << 14
+BALANCE_ABS, BALANCE_REL = 8, 1.5  # pick_prefill: how far over the least loaded affinity may go
 Sink = Callable[[Any], None]  # receives RequestOutput deltas, or one exception
 
 
@@ -105,8 +106,22 @@ class InstanceView:
 
 
 def pick_prefill(views: Iterable[InstanceView], chain: Sequence[int]) -> InstanceView | None:
-    """Longest cached prefix first, then the least loaded."""
-    return max(views, key=lambda v: (v.prefix_pages(chain), -v.inflight, -v.waiting), default=None)
+    """Longest cached prefix first, then the least loaded, among the instances whose load is near the least.
+
+    Affinity alone would starve an instance that holds no prefix yet (a P just added by a role switch
+    never gets chat traffic that shares a system prompt), so an instance more than `BALANCE_ABS` requests
+    and `BALANCE_REL` times over the least loaded is passed over, as SGLang's cache-aware router does.
+    """
+    views = list(views)
+    if not views:
+        return None
+    least = min(_load(v) for v in views)
+    fair = [v for v in views if _load(v) <= max(least + BALANCE_ABS, least * BALANCE_REL)]
+    return max(fair, key=lambda v: (v.prefix_pages(chain), -v.inflight, -v.waiting))
+
+
+def _load(v: InstanceView) -> int:
+    return v.inflight + v.waiting
 
 
 def pick_decode(views: Iterable[InstanceView]) -> InstanceView | None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
+from runtime.engine.model_runner import block_tables, page_slots
 from runtime.engine.page_allocator import PageAllocator
 from runtime.models.forward_batch import ForwardBatch, KVPool
 
@@ -26,21 +28,15 @@ class Budgets:
 
 
 def _batch(lengths: list[int], extend: list[int], pages: list[list[int]], page_size: int) -> ForwardBatch:
-    slots, pos = [], []
-    for n, e, table in zip(lengths, extend, pages):
-        idx = torch.arange(n - e, n)
-        slots.append(torch.tensor(table)[idx // page_size] * page_size + idx % page_size)
-        pos.append(idx)
-    positions = torch.cat(pos).expand(3, -1)
-    width = max(len(t) for t in pages)
-    tables = torch.tensor([t + [-1] * (width - len(t)) for t in pages], dtype=torch.long)
+    slots = [page_slots(table, n - e, n, page_size) for n, e, table in zip(lengths, extend, pages)]
+    positions = torch.cat([torch.arange(n - e, n) for n, e in zip(lengths, extend)]).expand(3, -1)
     return ForwardBatch(is_decode=all(e == 1 for e in extend), input_ids=torch.zeros(sum(extend), dtype=torch.long),
                         positions=positions.contiguous(), extend_lens=extend, seq_lens=lengths,
-                        block_tables=tables, out_slots=torch.cat(slots),
+                        block_tables=block_tables(pages), out_slots=torch.cat(slots),
                         logits_indices=torch.cumsum(torch.tensor(extend), 0) - 1)
 
 
-def _time(fn, repeats: int = 3) -> float:
+def best_ms(fn: Callable[[], Any], repeats: int = 3) -> float:
     """Best of `repeats` after a warm-up, in ms: the least disturbed by other load on the machine."""
     fn()
     best = float("inf")
@@ -61,7 +57,7 @@ def _lm_ms(model, kv: KVPool, allocator: PageAllocator, lengths: list[int], exte
         batch = _batch(lengths, extend, pages, ps)
         fn = model.decode if batch.is_decode else model.prefill
         with torch.inference_mode():
-            return _time(lambda: fn(batch, kv))
+            return best_ms(lambda: fn(batch, kv))
     finally:
         for p in pages:
             allocator.free(p)
@@ -70,7 +66,7 @@ def _lm_ms(model, kv: KVPool, allocator: PageAllocator, lengths: list[int], exte
 def _encode_ms(model, tokens: int) -> float:
     pixels, grid = model.dummy_image(tokens)  # the model knows its pixel layout (patches, or a fixed size)
     with torch.inference_mode():
-        return _time(lambda: model.encode(pixels, grid), repeats=2)
+        return best_ms(lambda: model.encode(pixels, grid), repeats=2)
 
 
 def calibrate(model, kv: KVPool, allocator: PageAllocator, target_ms: float, defaults: Budgets) -> Budgets:

@@ -60,7 +60,7 @@ class Engine:
         self.processor = Processor(model)
         self.model = load_model(model, dtype=getattr(torch, self.config.dtype), device=self.config.device,
                                 load_vision=self.config.load_vision, load_lm=self.config.load_lm,
-                                linear_backend=self.config.linear_backend)
+                                attn_backend=self.config.attention_backend, linear_backend=self.config.linear_backend)
         self.kv_pool = build_kv(self.model.config, self.config)
         self.kv = build_kv_manager(self.kv_pool, self.config, self.model.config.image_token_id)
         self.encoder_cache = EncoderCache(self.config.encoder_cache_bytes)

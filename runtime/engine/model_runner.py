@@ -9,6 +9,19 @@ from runtime.engine.request import Req
 from runtime.models.forward_batch import ForwardBatch, KVPool
 
 
+def page_slots(pages: list[int], start: int, end: int, page_size: int) -> torch.Tensor:
+    """KV-pool slots of token positions [start, end) of a request holding `pages`."""
+    idx = torch.arange(start, end)
+    table = torch.tensor(pages, dtype=torch.long)
+    return table[idx // page_size] * page_size + idx % page_size
+
+
+def block_tables(tables: list[list[int]]) -> torch.Tensor:
+    """Page tables as one [B, max_pages] tensor, padded with -1."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.long)
+
+
 @dataclass(frozen=True)
 class Chunk:
     """Compute KV for tokens [start, end) of `req`; sample a token if `end` reaches the sequence end."""
@@ -85,7 +98,7 @@ class ModelRunner:
             positions=torch.cat(pos, dim=1),
             extend_lens=[c.end - c.start for c in chunks],
             seq_lens=[c.end for c in chunks],
-            block_tables=self._block_tables([c.req.pages for c in chunks]),
+            block_tables=block_tables([c.req.pages for c in chunks]),
             out_slots=torch.cat(slots),
             logits_indices=torch.tensor(logit_rows, dtype=torch.long),
             image_embeds=torch.cat(embeds) if embeds else None,
@@ -106,19 +119,12 @@ class ModelRunner:
             is_decode=True, input_ids=torch.tensor(ids, dtype=torch.long),
             positions=torch.tensor(pos, dtype=torch.long).T.contiguous(),
             extend_lens=[1] * n, seq_lens=[c.end for c in chunks],
-            block_tables=self._block_tables([c.req.pages for c in chunks]),
+            block_tables=block_tables([c.req.pages for c in chunks]),
             out_slots=torch.tensor(slots, dtype=torch.long), logits_indices=torch.arange(n),
             image_embeds=None, image_rows=torch.zeros(0, dtype=torch.long))
 
     def _slots(self, pages: list[int], start: int, end: int) -> torch.Tensor:
-        idx = torch.arange(start, end)
-        table = torch.tensor(pages, dtype=torch.long)
-        return table[idx // self.page_size] * self.page_size + idx % self.page_size
-
-    @staticmethod
-    def _block_tables(tables: list[list[int]]) -> torch.Tensor:
-        width = max(len(t) for t in tables)
-        return torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.long)
+        return page_slots(pages, start, end, self.page_size)
 
     def _image_rows(self, c: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Chunk-relative rows of prompt image tokens, and their embeddings (generated tokens are text)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -24,7 +25,8 @@ class AttnPlan:
     """Per-forward indices shared by all layers. Tensors are on the model's device."""
 
     is_decode: bool
-    kv_index: torch.Tensor  # [B, Lk] flat pool slot of every KV position (0 where padding)
+    block_tables: torch.Tensor  # [B, max_pages] on the model's device, -1 past a sequence's pages
+    page_size: int
     mask: torch.Tensor | None  # [B, 1, Lq, Lk] bool, True = attend; None when nothing is masked
     q_dest: torch.Tensor | None  # [T] row of each query in the padded [B * Lq] layout (prefill)
     max_q: int
@@ -33,6 +35,12 @@ class AttnPlan:
     seq_lens: list[int]
     cu_q: list[int]
     extra: dict  # backend-specific
+
+    @cached_property
+    def kv_index(self) -> torch.Tensor:
+        """[B, Lk] flat pool slot of every KV position (garbage past a sequence's end); built on first use,
+        since page-wise decode never reads it."""
+        return sequence_slots(self.block_tables, self.page_size, max(self.seq_lens))
 
 
 def sequence_slots(block_tables: torch.Tensor, page_size: int, max_len: int) -> torch.Tensor:
@@ -55,9 +63,9 @@ def _base_plan(batch: ForwardBatch, page_size: int, device: torch.device) -> Att
     ext, lens = batch.extend_lens, batch.seq_lens
     if batch.is_decode and any(e != 1 for e in ext):
         raise ValueError("a decode batch has exactly one new token per sequence")
-    kv_index = sequence_slots(batch.block_tables.to(device), page_size, max(lens))
     prefix = [s - e for s, e in zip(lens, ext)]
-    return AttnPlan(batch.is_decode, kv_index, None, None, max(ext), prefix, ext, lens, _offsets(ext), {})
+    return AttnPlan(batch.is_decode, batch.block_tables.to(device), page_size, None, None, max(ext), prefix, ext,
+                    lens, _offsets(ext), {})
 
 
 class AttentionBackend:
@@ -116,8 +124,8 @@ class SdpaBackend(AttentionBackend):
         plan = _base_plan(batch, page_size, device)
         prefix, ext, lens, max_q = plan.prefix_lens, plan.extend_lens, plan.seq_lens, plan.max_q
         if batch.is_decode:
-            pages = batch.block_tables.to(device).clamp_min(0)  # padding reads page 0, masked out
-            plan.extra["pages"], plan.extra["page_size"] = pages, page_size
+            pages = plan.block_tables.clamp_min(0)  # padding reads page 0, masked out
+            plan.extra["pages"] = pages
             plan.mask = _padded_mask(prefix, ext, lens, max_q, device, width=pages.shape[1] * page_size)
         elif self.prefill_mode == "padded":
             plan.mask = _padded_mask(prefix, ext, lens, max_q, device)
@@ -128,7 +136,7 @@ class SdpaBackend(AttentionBackend):
 
     def decode(self, q, k_pool, v_pool, plan):
         b, h, d = q.shape
-        pages, ps = plan.extra["pages"], plan.extra["page_size"]
+        pages, ps = plan.extra["pages"], plan.page_size
         k, v = gather_pages(k_pool, pages, ps), gather_pages(v_pool, pages, ps)  # [B, Hkv, Lk, D]
         # The query heads sharing a KV head become that head's query rows: no GQA expansion, and
         # the CPU kernel gets several rows per (sequence, head) instead of one.

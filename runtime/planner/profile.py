@@ -21,10 +21,12 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
+
+from runtime.engine.calibrate import best_ms
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -35,16 +37,6 @@ DECODE_CONTEXTS = (128, 1024)
 ENCODE_BATCHES = (1, 2, 4)
 DECODE_STEPS = 4
 TRANSFER_BYTES = (1 << 16, 1 << 20, 8 << 20)
-
-
-def best_ms(fn: Callable[[], Any], repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1000.0
 
 
 def machine_info() -> dict[str, Any]:

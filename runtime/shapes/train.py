@@ -1,12 +1,17 @@
 """Train the embedded shapes model: a small Qwen2-VL that answers questions about `scene.Scene` images.
 
-    python -m runtime.shapes.train OUT_DIR [--steps N] [--seed S]
+    python -m runtime.shapes.train OUT_DIR [--vision-steps N] [--steps N] [--seed S]
 
 Reproducible: the tokenizer, the initial weights and every training scene come from `--seed` (the held-out
-sets use other seeds). The vision tower and the LM are trained jointly, end to end, on multi-turn chats
-about one image each (the first turn is exactly the single-question prompt served at inference; later turns
-add supervision per vision-tower pass), plus the dense probe loss of `runtime.shapes.probe`. The checkpoint
-is saved in fp16 every `--save-every` steps and at the end, each time with a held-out evaluation.
+sets use other seeds). Two stages:
+1. `--vision-steps`: the vision tower alone, on the probe losses of `runtime.shapes.probe` (no LM forward,
+   so a step is cheap and the tower learns to see before the LM learns to read);
+2. `--steps`: the tower and the LM jointly, end to end, on multi-turn chats about one image each (the first
+   turn is exactly the single-question prompt served at inference; later turns add supervision per
+   vision-tower pass), with the probe losses kept.
+The image processor resizes every image to at most `MAX_PIXELS` (the model sees 112-448 px images at
+112-168 px: shapes stay several patches wide, and an image is at most 36 tokens). The checkpoint is saved
+in fp16 every `--save-every` joint steps and at the end, each time with a held-out evaluation.
 """
 from __future__ import annotations
 
@@ -31,13 +36,14 @@ from runtime.shapes.scene import (
     questions,
     random_scene,
 )
-from runtime.tiny_model import ModelSize, _write_json, build_config, build_tokenizer, preprocessor_config
+from runtime.tiny_model import ModelSize, build_config, build_tokenizer, preprocessor_config, write_json
 
 MODEL = ModelSize(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, mrope_section=(8, 12, 12),
                   vision_dim=128, vision_layers=4, vision_heads=4)
 VOCAB_SIZE = 2048
 IGNORE = -100
 PROBE_WEIGHT = 0.5
+MAX_PIXELS = 6 * 6 * 28 * 28  # 168x168: 6x6 merged tokens at most
 
 
 def english_corpus(seed: int) -> list[str]:
@@ -61,7 +67,7 @@ def prepare_dir(out: Path, seed: int) -> Processor:
     text = config.text_config
     GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=[text.eos_token_id, text.pad_token_id],
                      pad_token_id=text.pad_token_id, do_sample=False).save_pretrained(out)
-    _write_json(out / "preprocessor_config.json", preprocessor_config())
+    write_json(out / "preprocessor_config.json", preprocessor_config(MAX_PIXELS))
     return Processor(out)
 
 
@@ -99,19 +105,28 @@ def sample_questions(rng: random.Random, scene: Scene) -> list[Question]:
 
 
 def training_scene(rng: random.Random) -> Scene:
-    """A third of the scenes at any size, the rest at most 280 px a side (cheaper; the small end is the
-    hardest)."""
-    top = MAX_SIDE if rng.random() < 1 / 3 else 280
-    return random_scene(rng, rng.randrange(MIN_SIDE, top + 1), rng.randrange(MIN_SIDE, top + 1))
+    return random_scene(rng, rng.randrange(MIN_SIDE, MAX_SIDE + 1), rng.randrange(MIN_SIDE, MAX_SIDE + 1))
+
+
+def vision_batch(processor: Processor, rng: random.Random, size: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+    """Pixels, patch grids and probe targets of `size` new scenes (stage 1: no text)."""
+    images, targets = [], []
+    for i in range(size):
+        scene = training_scene(rng)
+        images.append(processor.process_image(scene.image()))
+        targets.append(token_targets(scene, images[-1].grid_thw, i))
+    return (torch.cat([im.pixel_values for im in images]), torch.tensor([im.grid_thw for im in images]),
+            torch.cat(targets))
 
 
 def make_batch(processor: Processor, rng: random.Random, size: int, pad_id: int) -> tuple[dict, torch.Tensor]:
     """Model inputs for `size` chats (right-padded) and the probe targets of their image tokens."""
     rows, targets = [], []
-    for _ in range(size):
+    for i in range(size):
         scene = training_scene(rng)
         rows.append(example(processor, scene, sample_questions(rng, scene)))
-        targets.append(token_targets(scene, rows[-1][2].grid_thw))
+        targets.append(token_targets(scene, rows[-1][2].grid_thw, i))
     width = max(len(ids) for ids, _, _ in rows)
     ids = torch.full((size, width), pad_id)
     labels = torch.full((size, width), IGNORE)
@@ -152,8 +167,8 @@ def evaluate(model, processor: Processor, n: int, seed: int = HELD_OUT_SEED) -> 
     return {k: sum(v) / len(v) for k, v in right.items() if v}
 
 
-def train(out: Path, steps: int, batch: int, lr: float, seed: int, save_every: int, eval_n: int,
-          init: Path | None = None) -> None:
+def train(out: Path, steps: int, vision_steps: int, batch: int, lr: float, seed: int, save_every: int,
+          eval_n: int, init: Path | None = None) -> None:
     from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -163,31 +178,53 @@ def train(out: Path, steps: int, batch: int, lr: float, seed: int, save_every: i
     else:
         model = Qwen2VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
     model = model.to(torch.float32).train()
-    probe = Probe(model, MODEL.hidden)
-    params = list(model.parameters()) + list(probe.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    rng, pad_id = random.Random(seed), processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    t0, smooth = time.time(), (0.0, 0.0)
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
-        inputs, targets = make_batch(processor, rng, batch, pad_id)
-        lm_loss = model(**inputs).loss
-        probe_loss = probe.loss(targets)
-        probe.tokens = None
-        opt.zero_grad(set_to_none=True)
-        (lm_loss + PROBE_WEIGHT * probe_loss).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        k = 0.0 if step == 0 else 0.95
-        smooth = (k * smooth[0] + (1 - k) * lm_loss.item(), k * smooth[1] + (1 - k) * probe_loss.item())
-        if step % 25 == 0:
-            print(f"step {step} lm {smooth[0]:.4f} probe {smooth[1]:.4f} lr {lr_at(step, steps, lr):.2e} "
-                  f"{time.time() - t0:.0f}s", flush=True)
+    probe, rng = Probe(model, MODEL.hidden), random.Random(seed)
+    vision = list(model.model.visual.parameters()) + list(probe.parameters())
+    run_stage("vision", vision_steps, lr, vision, lambda: vision_step(model, probe, processor, rng, batch))
+    pad_id = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    def saved(step: int, t0: float) -> None:
         if (step + 1) % save_every == 0 or step == steps - 1:
             save(model, out)
             print(f"saved at step {step + 1} ({time.time() - t0:.0f}s); held-out accuracy "
                   f"{evaluate(model, processor, eval_n)}", flush=True)
+
+    run_stage("joint", steps, lr, list(model.parameters()) + list(probe.parameters()),
+              lambda: joint_step(model, probe, processor, rng, batch, pad_id), saved)
+
+
+def vision_step(model, probe: Probe, processor: Processor, rng: random.Random, batch: int) -> dict[str, torch.Tensor]:
+    pixels, grid, targets = vision_batch(processor, rng, batch)
+    model.model.visual(pixels, grid_thw=grid)  # the probe's hook captures the merged tokens
+    return probe.losses(targets)
+
+
+def joint_step(model, probe: Probe, processor: Processor, rng: random.Random, batch: int,
+               pad_id: int) -> dict[str, torch.Tensor]:
+    inputs, targets = make_batch(processor, rng, batch, pad_id)
+    return {"lm": model(**inputs).loss} | probe.losses(targets)
+
+
+def run_stage(name: str, steps: int, lr: float, params: list, step_fn, after=None) -> None:
+    """AdamW over `params` for `steps` steps of `step_fn` (a dict of losses: the LM's counts 1, the probe's
+    PROBE_WEIGHT), logging smoothed losses every 25 steps."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    t0, smooth = time.time(), {}
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        losses = step_fn()
+        total = sum(v if k == "lm" else PROBE_WEIGHT * v for k, v in losses.items())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        smooth = {k: v.item() if step == 0 else 0.95 * smooth[k] + 0.05 * v.item() for k, v in losses.items()}
+        if step % 25 == 0:
+            shown = " ".join(f"{k} {v:.3f}" for k, v in smooth.items())
+            print(f"{name} step {step} {shown} lr {lr_at(step, steps, lr):.2e} {time.time() - t0:.0f}s", flush=True)
+        if after is not None:
+            after(step, t0)
 
 
 def save(model: torch.nn.Module, out: Path) -> None:
@@ -204,9 +241,10 @@ def save(model: torch.nn.Module, out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--batch", type=int, default=12)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--vision-steps", type=int, default=2000, help="stage 1: the vision tower on the probe alone")
+    p.add_argument("--steps", type=int, default=1500, help="stage 2: the tower and the LM jointly")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=36, help="held-out questions asked at each save")
@@ -214,7 +252,8 @@ def main() -> None:
     p.add_argument("--init", type=Path, default=None, help="start from this checkpoint (a later training stage)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    train(args.out, args.steps, args.batch, args.lr, args.seed, args.save_every, args.eval_n, args.init)
+    train(args.out, args.steps, args.vision_steps, args.batch, args.lr, args.seed, args.save_every, args.eval_n,
+          args.init)
 
 
 if __name__ == "__main__":
