@@ -32,3 +32,17 @@ def test_impossible_target_gives_smallest_budgets(tiny_model_dir):
     assert engine.scheduler.max_running == 1
     [out] = engine.generate({"prompt": "x = 1"}, None)  # still serves
     assert out.finish_reason in ("stop", "length")
+
+
+def test_serve_flags_set_the_budgets_or_a_tpot_target(tiny_model_dir):
+    from runtime.cli import build_parser
+    from runtime.server.cli import config_from_args
+
+    def engine(*flags: str) -> Engine:
+        args = build_parser().parse_args(["serve", str(tiny_model_dir), *flags])
+        return Engine(tiny_model_dir, num_pages=4200, **config_from_args(args).engine_overrides)
+
+    fixed = engine("--max-num-seqs", "7", "--max-num-batched-tokens", "96", "--encode-token-budget", "512")
+    assert (fixed.scheduler.max_running, fixed.scheduler.prefill_budget, fixed.scheduler.encode_budget) == (7, 96, 512)
+    tight = engine("--tpot-target-ms", "0.001")
+    assert tight.scheduler.max_running == DECODE_BATCHES[0] and tight.scheduler.prefill_budget == PREFILL_TOKENS[0]

@@ -45,6 +45,12 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--encoder-cache-mb", type=int, default=None,
                    help="image-embedding cache per instance, LRU (engine default 256 if unset)")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None, help="requests decoding at once, per instance")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="prompt tokens per prefill step (longer prompts are chunked), per instance")
+    p.add_argument("--encode-token-budget", type=int, default=None, help="image tokens per encode batch")
+    p.add_argument("--tpot-target-ms", type=float, default=None,
+                   help="calibrate the three budgets above at start-up so that a step stays under this TPOT")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads in all (split over the instances)")
     p.add_argument("--max-waiting-requests", type=int, default=None,
                    help="requests waiting for a first token at most; beyond it 503 with Retry-After (default: no cap)")
@@ -67,6 +73,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     overrides = {"kv_cache_bytes": args.kv_cache_mb and args.kv_cache_mb << 20,
                  "encoder_cache_bytes": args.encoder_cache_mb and args.encoder_cache_mb << 20,
                  "max_model_len": args.max_model_len,
+                 "max_running": args.max_num_seqs, "prefill_token_budget": args.max_num_batched_tokens,
+                 "encode_token_budget": args.encode_token_budget, "tpot_target_ms": args.tpot_target_ms,
                  "json_whitespace_flexible": args.json_whitespace_flexible or None,
                  "role_switching": args.role_switching or None}
     limits = Limits(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
