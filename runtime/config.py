@@ -24,7 +24,6 @@ class EngineConfig:
     encoder_cache_bytes: int = 256 << 20
     tpot_target_ms: float | None = None  # when set, budgets are calibrated at start-up
     overlap_encode: bool = True  # run the vision tower on a second thread beside LM work
-    decode_interval_ms: float = 0.0  # >0: while the encoder runs, decode-only steps start at most this often
     load_vision: bool = True
     load_lm: bool = True
     num_threads: int | None = None

@@ -7,7 +7,6 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -78,7 +77,6 @@ class Engine:
         self._threads = torch.get_num_threads()
         self._split_threads = self.config.device == "cpu" and None not in (self.model.visual, self.model.lm)
         self._lm_busy = False
-        self._last_decode = 0.0
         self._loop_thread = threading.get_ident()  # an encode run inline here has nothing beside it
         self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="encoder") if overlap else None
         self._encode_job: tuple[Future, list] | None = None
@@ -165,14 +163,11 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One scheduler step. Afterwards `idle` says that it could do nothing (it waits on outside input)."""
-        encoded = self._finish_encode(wait=0)
+        encoded = self._finish_encode(wait=False)
         plan = self.scheduler.schedule(allow_encode=self.model.visual is not None and self._encode_job is None)
         self._lm_busy = bool(plan.prefill)  # decode steps are short: beside them the encoder keeps every thread
         if plan.encode:
             self._start_encode(plan.encode)
-        deferred = self._decode_wait(plan)
-        if deferred:
-            plan.decode = []
         batches = [(plan.decode, True), (plan.prefill, False)]
         if self.config.schedule_policy == "prefill-first":
             batches.reverse()
@@ -182,8 +177,8 @@ class Engine:
             if chunks:
                 self._run_lm(chunks, is_decode)
                 ran_lm = True
-        if not ran_lm:  # nothing else to do: wait for the encoder (until the deferred decode is due)
-            encoded |= self._finish_encode(wait=deferred or None)
+        if not ran_lm:  # nothing else to do: wait for the encoder
+            encoded |= self._finish_encode(wait=True)
         self.idle = not (ran_lm or plan.encode or encoded)
         return self._collect_outputs()
 
@@ -212,22 +207,12 @@ class Engine:
         self.stage_seconds["encode"] += time.perf_counter() - t0
         return out
 
-    def _decode_wait(self, plan) -> float:
-        """Seconds a decode-only step waits: while the vision tower runs beside, decode starts at most every
-        `decode_interval_ms`, so that the encoder gets the cores and decode batches grow (TPOT has slack)."""
-        gap = self.config.decode_interval_ms / 1000
-        if not (gap and plan.decode) or plan.prefill or not self._encoding_beside():
-            return 0.0
-        return max(0.0, self._last_decode + gap - time.perf_counter())
-
-    def _finish_encode(self, wait: float | None) -> bool:
-        """Collect a finished encode; `wait`: 0 = only if done, None = until done, else at most that long."""
+    def _finish_encode(self, wait: bool) -> bool:
+        """Collect the encode in flight if it is done (with `wait`: once it is)."""
         if self._encode_job is None:
             return False
         future, todo = self._encode_job
-        if wait != 0 and not future.done():
-            wait_for([future], timeout=wait)
-        if not future.done():
+        if not (wait or future.done()):
             return False
         self._encode_job = None
         for (image, users), emb in zip(todo, future.result()):
@@ -242,8 +227,6 @@ class Engine:
         results = self.runner.run(chunks, is_decode)
         self._sample(chunks, results)
         stage = "decode" if is_decode else "prefill"
-        if is_decode:
-            self._last_decode = t0
         self.stage_seconds[stage] += time.perf_counter() - t0
         self.stats[f"{stage}_tokens"] += sum(c.end - c.start for c in chunks)
 
