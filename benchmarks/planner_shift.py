@@ -19,10 +19,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runtime.config import Slo  # noqa: E402
 from runtime.planner.cli import bench_requests, device_profile_path, load_json, resolve_model  # noqa: E402
 from runtime.planner.costs import ProfileCosts  # noqa: E402
 from runtime.planner.search import Planner, Resources, gpu_candidates  # noqa: E402
-from runtime.planner.sim import Slo  # noqa: E402
 from runtime.planner.switching import Switcher, SwitchPolicy  # noqa: E402
 from runtime.planner.workload import prepare_all, shapes_of, with_output  # noqa: E402
 

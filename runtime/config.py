@@ -1,4 +1,4 @@
-"""Engine configuration: one frozen dataclass, overridable by keyword."""
+"""Engine configuration (one frozen dataclass, overridable by keyword) and the latency targets it is held to."""
 from __future__ import annotations
 
 import dataclasses
@@ -31,3 +31,10 @@ class EngineConfig:
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Latency targets: time to first token, and the p90 of one request's own inter-token gaps."""
+    ttft_ms: float
+    tpot_ms: float

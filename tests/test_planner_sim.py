@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from runtime.config import Slo
 from runtime.planner.clock import Clock
-from runtime.planner.sim import Budgets, SimRequest, Simulation, Slo
+from runtime.planner.sim import Budgets, SimRequest, Simulation
 
 LOOSE = Slo(ttft_ms=1e9, tpot_ms=1e9)
 EPD = [("EPD0", frozenset("EPD"), 1)]

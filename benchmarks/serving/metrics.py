@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.config import Slo
+
 PERCENTILES = (50.0, 90.0, 99.0)
 GOODPUT_ATTAINMENT = 0.9
 
@@ -39,12 +41,6 @@ class RequestResult:
         if not self.success or self.output_tokens < 2:
             return None
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
-
-
-@dataclass(frozen=True)
-class Slo:
-    ttft_ms: float
-    tpot_ms: float
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.config import Slo
 from runtime.planner import cli
 from runtime.planner.costs import ProfileCosts
 from runtime.planner.search import Planner, Prediction, Resources, cpu_candidates, gpu_candidates
-from runtime.planner.sim import Budgets, Slo
+from runtime.planner.sim import Budgets
 from runtime.planner.workload import prepare_all, shapes_of
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from runtime.cluster.topology import parse_topology
-from runtime.planner.sim import Budgets, Costs, Outcome, Simulation, Slo
+from runtime.config import Slo
+from runtime.planner.sim import Budgets, Costs, Outcome, Simulation
 from runtime.planner.workload import Shape, schedule
 
 log = logging.getLogger(__name__)

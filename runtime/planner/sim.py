@@ -25,7 +25,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from runtime.config import EngineConfig
+from runtime.config import EngineConfig, Slo
 from runtime.planner.clock import Clock
 
 
@@ -57,12 +57,6 @@ class Budgets:
     prefill_token_budget: int = EngineConfig.prefill_token_budget
     encode_token_budget: int = EngineConfig.encode_token_budget
     max_running: int = EngineConfig.max_running
-
-
-@dataclass(frozen=True)
-class Slo:
-    ttft_ms: float
-    tpot_ms: float
 
 
 @dataclass(eq=False)
