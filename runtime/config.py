@@ -20,6 +20,7 @@ class EngineConfig:
     prefill_token_budget: int = 2048  # tokens per prefill batch; longer prompts are chunked
     encode_token_budget: int = 4096  # image tokens per encode batch
     schedule_policy: Literal["decode-first", "prefill-first"] = "decode-first"
+    mixed_batches: bool = True  # decode tokens ride in the prefill's forward pass (one read of the weights)
     enable_prefix_cache: bool = True
     encoder_cache_bytes: int = 256 << 20
     tpot_target_ms: float | None = None  # when set, budgets are calibrated at start-up

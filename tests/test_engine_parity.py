@@ -44,6 +44,32 @@ def test_ragged_batch_matches_transformers(tiny_model_dir, expected, overrides):
     assert _run(engine, list(PROMPTS)) == expected
 
 
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"attention_backend": "sdpa_padded"},
+    {"mixed_batches": False},
+])
+def test_arrivals_during_decode_match_transformers(tiny_model_dir, expected, overrides):
+    """A request arriving every second step prefills while earlier ones decode: with `mixed_batches`
+    (the default) both share one forward pass, and the tokens stay transformers'."""
+    engine = Engine(tiny_model_dir, enable_prefix_cache=False, prefill_token_budget=64, **overrides)
+    sp, rids, acc = SamplingParams(max_new_tokens=MAX_NEW), {}, {}
+    queue = list(PROMPTS)
+    for step in range(2000):
+        if queue and step % 2 == 0:
+            name = queue.pop(0)
+            rids[engine.add_request(sampling_params=sp, **PROMPTS[name])] = name
+        for out in engine.step():
+            acc[out.rid] = acc.get(out.rid, []) + list(out.new_token_ids)
+        if not queue and not engine.has_unfinished():
+            break
+    engine.check_integrity()
+    assert {rids[r]: ids for r, ids in acc.items()} == expected
+    mixed = engine.stage_seconds.get("mixed", 0.0) > 0
+    assert mixed == overrides.get("mixed_batches", True)
+    assert engine.stats["decode_tokens"] == sum(len(ids) - 1 for ids in expected.values())
+
+
 def test_prefill_logits_match_transformers(tiny_model_dir, hf_model, processor):
     engine = Engine(tiny_model_dir)
     for name in ("image_224", "two_images", "long_text"):

@@ -169,7 +169,9 @@ class Engine:
         if plan.encode:
             self._start_encode(plan.encode)
         batches = [(plan.decode, True), (plan.prefill, False)]
-        if self.config.schedule_policy == "prefill-first":
+        if self.config.mixed_batches and plan.decode and plan.prefill:
+            batches = [(plan.decode + plan.prefill, False)]  # decode rows first: `num_decode` of the pass
+        elif self.config.schedule_policy == "prefill-first":
             batches.reverse()
         ran_lm = False
         self._share_threads(self._encoding_beside())
@@ -226,9 +228,11 @@ class Engine:
         t0 = time.perf_counter()
         results = self.runner.run(chunks, is_decode)
         self._sample(chunks, results)
-        stage = "decode" if is_decode else "prefill"
+        decoded = sum(1 for c in chunks if c.start >= c.req.prompt_len)
+        stage = "decode" if is_decode else "mixed" if decoded else "prefill"
         self.stage_seconds[stage] += time.perf_counter() - t0
-        self.stats[f"{stage}_tokens"] += sum(c.end - c.start for c in chunks)
+        self.stats["decode_tokens"] += decoded
+        self.stats["prefill_tokens"] += sum(c.end - c.start for c in chunks) - decoded
 
     def _sample(self, chunks: list[Chunk], results: list[ChunkLogits]) -> None:
         for chunk, res in zip(chunks, results):

@@ -103,6 +103,7 @@ class ModelRunner:
             logits_indices=torch.tensor(logit_rows, dtype=torch.long),
             image_embeds=torch.cat(embeds) if embeds else None,
             image_rows=torch.cat(image_rows) if image_rows else torch.zeros(0, dtype=torch.long),
+            num_decode=_leading_single_tokens(chunks),
         )
         return batch, spans
 
@@ -136,3 +137,11 @@ class ModelRunner:
         before = int(is_img[:c.start].sum())
         rows = is_img[c.start:].nonzero().squeeze(1)
         return rows, ([mm[before:before + len(rows)]] if len(rows) else [])
+
+
+def _leading_single_tokens(chunks: list[Chunk]) -> int:
+    """How many chunks at the front add one token each: their attention takes the decode path."""
+    n = 0
+    while n < len(chunks) and chunks[n].end - chunks[n].start == 1:
+        n += 1
+    return n

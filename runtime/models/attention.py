@@ -5,10 +5,15 @@ masks once, and every layer reuses that plan. `prefill`/`decode` then attend new
 pool (the new tokens' K/V are already written there); `varlen` is block-diagonal, non-causal
 attention over packed segments (the vision tower's images and windows).
 
+A mixed pass (`ForwardBatch.num_decode` leading one-token sequences, then prefill chunks) gets a
+`MixedPlan`: the decode rows attend through the backend's decode path, the rest through its prefill path,
+so decode tokens share the pass's linear layers with the prefill.
+
 Shapes: q `[T, H, D]`, k/v `[T, Hkv, D]`, pool k/v `[slots, Hkv, D]`; outputs are `[T, H, D]`.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from functools import cached_property
@@ -41,6 +46,44 @@ class AttnPlan:
         """[B, Lk] flat pool slot of every KV position (garbage past a sequence's end); built on first use,
         since page-wise decode never reads it."""
         return sequence_slots(self.block_tables, self.page_size, max(self.seq_lens))
+
+
+@dataclass
+class MixedPlan:
+    """Plans for the two parts of a mixed pass: `num_decode` one-token rows first, then the prefill rows."""
+
+    decode: AttnPlan
+    prefill: AttnPlan
+    num_decode: int
+
+
+def plan_pass(backend: "AttentionBackend", batch: ForwardBatch, page_size: int,
+              device: torch.device) -> AttnPlan | MixedPlan:
+    """The backend's plan for `batch`; a mixed batch gets one plan per part."""
+    n = batch.num_decode
+    if batch.is_decode or n == 0:
+        return backend.plan(batch, page_size, device)
+    if n == batch.batch_size:
+        return backend.plan(dataclasses.replace(batch, is_decode=True, num_decode=0), page_size, device)
+
+    def part(rows: slice, is_decode: bool) -> ForwardBatch:
+        return dataclasses.replace(batch, is_decode=is_decode, num_decode=0, extend_lens=batch.extend_lens[rows],
+                                   seq_lens=batch.seq_lens[rows], block_tables=batch.block_tables[rows])
+
+    return MixedPlan(backend.plan(part(slice(0, n), True), page_size, device),
+                     backend.plan(part(slice(n, None), False), page_size, device), n)
+
+
+def attend(backend: "AttentionBackend", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
+           v_pool: torch.Tensor, plan: AttnPlan | MixedPlan) -> torch.Tensor:
+    """Attention for one layer of a pass planned by `plan_pass` (the new K/V are already in the pool)."""
+    if isinstance(plan, MixedPlan):
+        n = plan.num_decode
+        return torch.cat([backend.decode(q[:n], k_pool, v_pool, plan.decode),
+                          backend.prefill(q[n:], k[n:], v[n:], k_pool, v_pool, plan.prefill)])
+    if plan.is_decode:
+        return backend.decode(q, k_pool, v_pool, plan)
+    return backend.prefill(q, k, v, k_pool, v_pool, plan)
 
 
 def sequence_slots(block_tables: torch.Tensor, page_size: int, max_len: int) -> torch.Tensor:

@@ -46,6 +46,7 @@ class ForwardBatch:
     image_embeds: torch.Tensor | None = None  # [N, hidden], written in order at `image_rows`
     image_rows: torch.Tensor | None = None  # [N] rows taking image_embeds; None: every image-pad row.
     # Explicit rows matter because a model may *generate* the image-pad token; that one is plain text.
+    num_decode: int = 0  # in a prefill pass: the leading sequences that add one token each (a mixed pass)
 
     @property
     def batch_size(self) -> int:

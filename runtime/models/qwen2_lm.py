@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runtime.models.attention import AttentionBackend, AttnPlan
+from runtime.models.attention import AttentionBackend, AttnPlan, MixedPlan, attend, plan_pass
 from runtime.models.config import TextConfig
 from runtime.models.forward_batch import ForwardBatch, KVPool
 from runtime.models.layers import MergedLinear, RMSNorm, SwiGLU, apply_rope
@@ -25,7 +25,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(q, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, kv: KVPool,
-                out_slots: torch.Tensor, backend: AttentionBackend, plan: AttnPlan) -> torch.Tensor:
+                out_slots: torch.Tensor, backend: AttentionBackend, plan: AttnPlan | MixedPlan) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.shard_sizes, dim=-1)
         q = apply_rope(q.view(t, self.heads, self.head_dim), cos, sin)
@@ -34,10 +34,7 @@ class Attention(nn.Module):
         k_pool, v_pool = kv.k[layer], kv.v[layer]
         k_pool.index_copy_(0, out_slots, k.to(k_pool.dtype))
         v_pool.index_copy_(0, out_slots, v.to(v_pool.dtype))
-        if plan.is_decode:
-            o = backend.decode(q, k_pool, v_pool, plan)
-        else:
-            o = backend.prefill(q, k, v, k_pool, v_pool, plan)
+        o = attend(backend, q, k, v, k_pool, v_pool, plan)
         return self.o_proj(o.reshape(t, -1))
 
 
@@ -91,7 +88,7 @@ class Qwen2LM(nn.Module):
         input_ids = batch.input_ids.to(device)
         x = self.embed(input_ids, image_token_id, batch.image_embeds, batch.image_rows)
         cos, sin = self.rope.cos_sin(batch.positions.to(device), x.dtype)
-        plan = backend.plan(batch, kv.page_size, device)
+        plan = plan_pass(backend, batch, kv.page_size, device)
         out_slots = batch.out_slots.to(device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, kv, out_slots, backend, plan)

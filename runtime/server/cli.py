@@ -51,6 +51,8 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--encode-token-budget", type=int, default=None, help="image tokens per encode batch")
     p.add_argument("--tpot-target-ms", type=float, default=None,
                    help="calibrate the three budgets above at start-up so that a step stays under this TPOT")
+    p.add_argument("--no-mixed-batches", action="store_true",
+                   help="decode and prefill in separate forward passes (default: decode rows ride in the prefill's)")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads in all (split over the instances)")
     p.add_argument("--max-waiting-requests", type=int, default=None,
                    help="requests waiting for a first token at most; beyond it 503 with Retry-After (default: no cap)")
@@ -75,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                  "max_model_len": args.max_model_len,
                  "max_running": args.max_num_seqs, "prefill_token_budget": args.max_num_batched_tokens,
                  "encode_token_budget": args.encode_token_budget, "tpot_target_ms": args.tpot_target_ms,
+                 "mixed_batches": False if args.no_mixed_batches else None,
                  "json_whitespace_flexible": args.json_whitespace_flexible or None,
                  "role_switching": args.role_switching or None}
     limits = Limits(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
