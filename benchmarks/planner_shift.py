@@ -19,11 +19,12 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runtime.cluster.role_switch import SwitchPolicy  # noqa: E402
 from runtime.config import Slo  # noqa: E402
 from runtime.planner.cli import bench_requests, device_profile_path, load_json, resolve_model  # noqa: E402
 from runtime.planner.costs import ProfileCosts  # noqa: E402
 from runtime.planner.search import Planner, Resources, gpu_candidates  # noqa: E402
-from runtime.planner.switching import Switcher, SwitchPolicy  # noqa: E402
+from runtime.planner.switching import Switcher  # noqa: E402
 from runtime.planner.workload import prepare_all, shapes_of, with_output  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "planner" / "shift.json"
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     switchers: list[Switcher] = []
 
     def with_switching(sim) -> None:
-        policy = SwitchPolicy(check_ms=args.window_ms / 4, window_ms=args.window_ms)
+        policy = SwitchPolicy(check_s=args.window_ms / 4000, window_s=args.window_ms / 1000)
         switchers.append(Switcher(sim, whole, policy))
         switchers[-1].install()
 

@@ -326,3 +326,13 @@ def ensure_tiny_model(size: str = "tiny", seed: int = 0, arch: str = "qwen2_vl")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+TINY_ALIASES = {"tiny": "qwen2_vl", "tiny-llava": "llava"}  # the cached embedded checkpoints
+
+
+def resolve_model(name: str) -> str:
+    """A model alias to its checkpoint directory (built and cached on first use); other names pass through."""
+    if name in TINY_ALIASES:
+        return str(ensure_tiny_model("tiny", arch=TINY_ALIASES[name]))
+    return name

@@ -11,10 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = ROOT / "runtime"
 # Higher may import lower or equal, never the reverse. Leaves are shared types and helpers; preprocess
 # reads the model's config object, so it sits just above models (and below everything that uses it); the
-# shapes model's trainer uses preprocess, so it shares that rank.
+# shapes model's trainer uses preprocess, so it shares that rank. The planner models the cluster and the
+# engine; the server asks it for role-switching moves.
 RANK = {"runtime.config": 0, "runtime.messages": 0, "runtime.tiny_model": 0, "runtime.models": 1,
         "runtime.preprocess": 1.5, "runtime.shapes": 1.5, "runtime.engine": 2,
-        "runtime.cluster": 3, "runtime.server": 4, "runtime.planner": 4.5, "runtime.cli": 5, "runtime.quickstart": 5,
+        "runtime.cluster": 3, "runtime.planner": 3.5, "runtime.server": 4, "runtime.cli": 5, "runtime.quickstart": 5,
         "runtime": 5}
 
 

@@ -13,12 +13,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.serving.arrivals import arrival_times as bench_arrivals  # noqa: E402
 from benchmarks.serving.metrics import goodput as bench_goodput  # noqa: E402
+from epdlang.sampling import SamplingParams  # noqa: E402
+from images import make_image  # noqa: E402
 from runtime.cli import main  # noqa: E402
+from runtime.cluster.role_switch import SwitchPolicy  # noqa: E402
 from runtime.cluster.topology import parse_topology  # noqa: E402
+from runtime.messages import GenerateRequest  # noqa: E402
 from runtime.planner import profile  # noqa: E402
+from runtime.planner.cli import resolve_model  # noqa: E402
 from runtime.planner.costs import ProfileCosts, interp  # noqa: E402
 from runtime.planner.search import cpu_candidates, goodput, gpu_candidates  # noqa: E402
+from runtime.planner.switching import PlannedMoves, planned_moves  # noqa: E402
 from runtime.planner.workload import arrival_times  # noqa: E402
+from runtime.preprocess import Processor  # noqa: E402
 
 SMALL_WORKLOAD = ["--dataset", "fixed", "--num-prompts", "6", "--image-size", "112", "--output-len", "4"]
 
@@ -33,7 +40,7 @@ def small_grid(monkeypatch):
     monkeypatch.setattr(profile, "TRANSFER_BYTES", (1 << 12, 1 << 16))
 
 
-def test_plan_profiles_once_simulates_and_writes_the_json(tmp_path, capsys, small_grid):
+def test_plan_profiles_once_simulates_and_writes_the_json(tmp_path, capsys, small_grid, monkeypatch):
     prof, out = tmp_path / "profile.json", tmp_path / "plan.json"
     argv = ["plan", "tiny", *SMALL_WORKLOAD, "--cores", "2", "--threads-per-instance", "1", "--slo-ttft-ms", "150",
             "--candidates", "EPD;E,PD;E,P,D", "--profile", str(prof), "--json", str(out)]
@@ -54,6 +61,17 @@ def test_plan_profiles_once_simulates_and_writes_the_json(tmp_path, capsys, smal
     assert plan["profile"]["kv_bytes_per_token"] > 0 and set(plan["profile"]["transfer"]) == {"shm", "zmq"}
     assert main(argv) == 0  # the second run finds everything in the cache
     assert "from the cache" in capsys.readouterr().out
+
+    # `epd serve --role-switching` finds this profile in the cache and asks the planner's model for moves
+    model = resolve_model("tiny")
+    monkeypatch.setattr(profile, "cache_path", lambda *_: prof)
+    chooser = planned_moves(model, parse_topology("E,P,D,D", 2))
+    assert isinstance(chooser, PlannedMoves) and chooser.planner.resources.cores == 2
+    image = [{"type": "image", "image": make_image("red", (112, 112))}, {"type": "text", "text": "What is it?"}]
+    prepared = Processor(model).prepare([{"role": "user", "content": image}])
+    msg = GenerateRequest("r", prepared.input_ids, prepared.images, SamplingParams(max_new_tokens=4))
+    move = chooser.best_move([frozenset(r) for r in "EPDD"], [msg] * 8, SwitchPolicy())
+    assert move is None or move[1] != frozenset("D")  # four-token outputs never ask for a third decoder
 
 
 def test_plan_for_gpus_reads_a_device_profile(tmp_path, capsys):

@@ -139,7 +139,7 @@ def test_ensure_tiny_model_loses_race_gracefully(tmp_path: Path, monkeypatch: py
 
 
 def test_serve_aliases_resolve_to_cached_checkpoints():
-    from runtime.server.cli import resolve_model
+    from runtime.tiny_model import resolve_model
 
     assert resolve_model("tiny") == str(ensure_tiny_model("tiny"))
     assert resolve_model("/some/dir") == "/some/dir"

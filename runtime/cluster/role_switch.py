@@ -10,6 +10,11 @@ stays <= `low` and has an instance that serves only it (and is not its last), th
 it takes no new work, finishes what it holds, then the router tells it its new roles. Every instance
 of such a deployment loaded the vision tower and the language model at start, so no weights load.
 Switches are logged and counted (`role_switches`, `/metrics` epd_role_switches_total).
+
+With a `MoveChooser` (the planner's model, `runtime.planner.switching.PlannedMoves`, when `epd plan` has
+profiled this model on this machine) the queue rule gives way: every check, the chooser is asked which
+single move raises the capacity of the requests that arrived in the last window by `margin`, and a move
+named on `sustain` checks in a row is made. The planner's simulator follows the same policy.
 """
 from __future__ import annotations
 
@@ -18,9 +23,10 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from runtime.cluster import wire
+from runtime.messages import GenerateRequest
 
 log = logging.getLogger(__name__)
 ROLES = "EPD"
@@ -28,12 +34,26 @@ ROLES = "EPD"
 
 @dataclass(frozen=True)
 class SwitchPolicy:
+    """When to move an instance: the router's and the planner simulator's one set of thresholds."""
+
     check_s: float = 0.5
     window_s: float = 10.0
-    high: float = 4.0
-    low: float = 0.5
+    cooldown_s: float = 20.0  # after a switch, no other for this long
+    high: float = 4.0  # queue rule: a stage this loaded per instance, on every sample of the window, ...
+    low: float = 0.5  # ... while another stage is this idle
     decode_batch: int = 32
-    cooldown_s: float = 20.0
+    sustain: int = 3  # planned moves: the same move named on this many checks in a row
+    margin: float = 0.15  # planned moves: capacity must rise by this fraction
+    role_sets: tuple[str, ...] = ("E", "P", "D")  # what an instance may become
+
+
+class MoveChooser(Protocol):
+    def best_move(self, roles: list[frozenset[str]], recent: list[GenerateRequest],
+                  policy: SwitchPolicy) -> tuple[int, frozenset[str], str] | None:
+        """The instance (an index into `roles`), its new roles and why, or None: keep the mix.
+
+        `roles` holds every instance's current roles; `recent`, the requests of the last window."""
+        ...
 
 
 def role_str(roles: frozenset[str]) -> str:
@@ -41,11 +61,18 @@ def role_str(roles: frozenset[str]) -> str:
 
 
 class RoleSwitcher:
-    def __init__(self, router: Any, policy: SwitchPolicy | None = None) -> None:
-        self.router, self.policy = router, policy or SwitchPolicy()
+    def __init__(self, router: Any, policy: SwitchPolicy | None = None, chooser: MoveChooser | None = None) -> None:
+        self.router, self.policy, self.chooser = router, policy or SwitchPolicy(), chooser
         self.samples: deque[tuple[float, dict[str, float]]] = deque()
+        self.arrivals: deque[tuple[float, GenerateRequest]] = deque()
+        self.streak: tuple[Any, int] = (None, 0)
         self.pending: dict[str, tuple[frozenset[str], bool]] = {}  # name -> (roles, told)
         self.last_check = self.last_switch = float("-inf")
+
+    def note(self, msg: GenerateRequest) -> None:
+        """A request arrived (the planner's model reads the window's requests)."""
+        if self.chooser is not None:
+            self.arrivals.append((time.monotonic(), msg))
 
     # ---- the rule -----------------------------------------------------------------------------------
     def pressures(self) -> dict[str, float]:
@@ -64,11 +91,12 @@ class RoleSwitcher:
         self.last_check = now
         self._advance_pending()
         self.samples.append((now, self.pressures()))
-        while self.samples and self.samples[0][0] < now - self.policy.window_s:
-            self.samples.popleft()
+        for window in (self.samples, self.arrivals):
+            while window and window[0][0] < now - self.policy.window_s:
+                window.popleft()
         if self.pending or now - self.last_switch < self.policy.cooldown_s:
             return
-        move = self.decide()
+        move = self.decide() if self.chooser is None else self.planned()
         if move is not None:
             self.begin(*move)
 
@@ -87,6 +115,23 @@ class RoleSwitcher:
                 why = f"{target} queued {self.samples[-1][1][target]:.1f}/instance, {donor} idle"
                 return min(single, key=lambda v: v.inflight).name, frozenset(target), why
         return None
+
+    def planned(self) -> tuple[str, frozenset[str], str] | None:
+        """The chooser's move, once it has named the same one on `sustain` checks in a row."""
+        views = [v for v in self.router.views.values() if v.draining_to is None]
+        recent = [msg for _, msg in self.arrivals]
+        try:
+            move = self.chooser.best_move([v.roles for v in views], recent, self.policy) if recent else None
+        except Exception:  # a profile without this shape's costs, say: keep the mix, never stop the router
+            log.exception("role switching: the planner's model failed; no move this check")
+            move = None
+        named = None if move is None else (views[move[0]].name, move[1], move[2])
+        same = named is not None and self.streak[0] is not None and named[:2] == self.streak[0][:2]
+        self.streak = (named, self.streak[1] + 1 if same else 1)
+        if named is None or self.streak[1] < self.policy.sustain:
+            return None
+        self.streak = (None, 0)
+        return named
 
     # ---- the move -----------------------------------------------------------------------------------
     def begin(self, name: str, roles: frozenset[str], why: str) -> None:

@@ -107,6 +107,8 @@ class Router(Recovery):
             return
         keys = prefix_keys(msg.input_ids, msg.images, self.image_token_id)
         self.flights[msg.rid] = Flight(msg, sink, chunk_chain(keys, self.page_size))
+        if self.switcher is not None:
+            self.switcher.note(msg)
         self._dispatch(msg.rid)
 
     def num_waiting(self) -> int:

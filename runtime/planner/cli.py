@@ -84,7 +84,7 @@ def bench_requests(args: argparse.Namespace) -> list:
 
 
 def resolve_model(name: str) -> Path:
-    from runtime.server.cli import resolve_model as serve_alias  # the aliases `epd serve` accepts
+    from runtime.tiny_model import resolve_model as serve_alias  # the aliases `epd serve` accepts
 
     return Path(serve_alias(name))
 

@@ -1,6 +1,6 @@
 """Role switching in the simulator: the rule `epd serve --role-switching` follows, tried on shifting workloads.
 
-Every `check_ms` the controller looks at the requests that arrived in the last `window_ms` and asks the
+Every `check_s` the controller looks at the requests that arrived in the last `window_s` and asks the
 planner's fluid model (search.capacity_bound) which single move -- one instance to another role set --
 raises the bound most. A move that wins by `margin` on `sustain` checks in a row is made: the
 instance stops taking new work, finishes what it holds, and then serves its new roles. One move at a
@@ -8,24 +8,23 @@ time, and never the last instance of a role.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from runtime.planner.search import Planner, capacity_bound, spec_of
-from runtime.planner.sim import Node, Simulation
+from runtime.cluster.role_switch import SwitchPolicy
+from runtime.cluster.topology import Topology
+from runtime.config import Slo
+from runtime.messages import GenerateRequest
+from runtime.planner.search import Planner, Resources, capacity_bound, spec_of
+from runtime.planner.sim import Budgets, Node, Simulation
 from runtime.planner.workload import Shape
 
-ROLE_SETS = ("E", "P", "D", "EP", "ED", "PD", "EPD")
-
-
-@dataclass(frozen=True)
-class SwitchPolicy:
-    check_ms: float = 500.0
-    window_ms: float = 4000.0
-    sustain: int = 3
-    margin: float = 0.15
-    role_sets: tuple[str, ...] = ("E", "P", "D")  # what an instance may become
+SIM_POLICY = SwitchPolicy(window_s=4.0)  # the shifting-workload benchmark's window
+DEFAULT_SLO = Slo(ttft_ms=3000.0, tpot_ms=100.0)  # `epd plan`'s defaults
 
 
 def spec_for(roles: list[frozenset[str]]) -> str:
@@ -33,28 +32,66 @@ def spec_for(roles: list[frozenset[str]]) -> str:
     return spec_of(list(counts), list(counts.values()))
 
 
+def best_move(planner: Planner, roles: list[frozenset[str]], recent: list[Shape],
+              policy: SwitchPolicy) -> tuple[int, frozenset[str], float] | None:
+    """The single move (instance index, new roles) that raises the fluid capacity bound of `recent` most,
+    with its gain, if it beats `1 + policy.margin`; never the last instance of a role."""
+    probe = Planner(recent, planner.costs, planner.slo, planner.resources, planner.budgets)
+    base = capacity_bound(spec_for(roles), probe)
+    best, best_gain = None, 1.0 + policy.margin
+    for i, current in enumerate(roles):
+        for new_roles in map(frozenset, policy.role_sets):
+            new = roles[:i] + [new_roles] + roles[i + 1:]
+            if new_roles == current or not all(any(r in s for s in new) for r in "EPD"):
+                continue
+            gain = capacity_bound(spec_for(new), probe) / base if base > 0 else float("inf")
+            if gain > best_gain:
+                best, best_gain = (i, new_roles, gain), gain
+    return best
+
+
+def shape_of(msg: GenerateRequest) -> Shape:
+    return Shape(tuple(im.num_tokens for im in msg.images), len(msg.input_ids), msg.sampling.max_new_tokens,
+                 tuple(int(getattr(im.pixel_values, "nbytes", 0)) for im in msg.images), 0.0)
+
+
+@dataclass
+class PlannedMoves:
+    """The router's `MoveChooser` under `epd serve --role-switching`: the planner's model on a profile."""
+
+    planner: Planner  # its costs, SLO, resources and budgets; its shapes are unused
+
+    def best_move(self, roles: list[frozenset[str]], recent: list[GenerateRequest],
+                  policy: SwitchPolicy) -> tuple[int, frozenset[str], str] | None:
+        move = best_move(self.planner, roles, [shape_of(m) for m in recent], policy)
+        if move is None:
+            return None
+        i, new_roles, gain = move
+        return i, new_roles, f"the planner's model: capacity x{gain:.2f} for the last {len(recent)} requests"
+
+
 @dataclass
 class Switcher:
     sim: Simulation
     planner: Planner
-    policy: SwitchPolicy = field(default_factory=SwitchPolicy)
+    policy: SwitchPolicy = SIM_POLICY
     log: list[tuple[float, str, str, str]] = field(default_factory=list)  # (ms, node, from, to)
     _streak: tuple[Any, int] = (None, 0)
 
     def install(self) -> None:
         self.sim.on_switch = self._switched
-        self.sim.clock.after(self.policy.check_ms, self._check)
+        self.sim.clock.after(self.policy.check_s * 1000.0, self._check)
 
     def _recent(self) -> list[Shape]:
         now = self.sim.clock.now
         shapes = self.planner.shapes
-        lo = now - self.policy.window_ms
+        lo = now - self.policy.window_s * 1000.0
         return [shapes[i] for i, f in enumerate(self.sim.flights) if lo <= f.spec.arrival <= now]
 
     def _check(self) -> None:
         last = max((f.spec.arrival for f in self.sim.flights), default=0.0)
-        if self.sim.clock.now < last + self.policy.window_ms:
-            self.sim.clock.after(self.policy.check_ms, self._check)
+        if self.sim.clock.now < last + self.policy.window_s * 1000.0:
+            self.sim.clock.after(self.policy.check_s * 1000.0, self._check)
         recent = self._recent()
         if not recent or any(n.draining_to is not None for n in self.sim.nodes):
             return
@@ -66,25 +103,10 @@ class Switcher:
             self.sim.request_switch(node, frozenset(roles))
             self._streak = (None, 0)
 
-    def _bound(self, roles: list[frozenset[str]], recent: list[Shape]) -> float:
-        p = self.planner
-        probe = Planner(recent, p.costs, p.slo, p.resources, p.budgets)
-        return capacity_bound(spec_for(roles), probe)
-
     def _best_move(self, recent: list[Shape]) -> tuple[Node, str] | None:
         nodes = self.sim.nodes
-        current = [n.roles for n in nodes]
-        base = self._bound(current, recent)
-        best, best_gain = None, 1.0 + self.policy.margin
-        for i, node in enumerate(nodes):
-            for roles in self.policy.role_sets:
-                new = current[:i] + [frozenset(roles)] + current[i + 1:]
-                if frozenset(roles) == node.roles or not all(any(r in s for s in new) for r in "EPD"):
-                    continue
-                gain = self._bound(new, recent) / base if base > 0 else float("inf")
-                if gain > best_gain:
-                    best, best_gain = (node, roles), gain
-        return best
+        move = best_move(self.planner, [n.roles for n in nodes], recent, self.policy)
+        return None if move is None else (nodes[move[0]], "".join(r for r in "EPD" if r in move[1]))
 
     def _switched(self, node: Node, old: frozenset[str]) -> None:
         fmt = lambda r: "".join(x for x in "EPD" if x in r)  # noqa: E731
@@ -92,3 +114,23 @@ class Switcher:
         for other in self.sim.nodes:
             self.sim._poll_lm(other)
             self.sim._poll_encoder(other)
+
+
+def planned_moves(model_dir: Path, topology: Topology, slo: Slo = DEFAULT_SLO, **budgets: Any) -> PlannedMoves | None:
+    """The planner's model for `epd serve --role-switching`, from the profile `epd plan` cached for this model
+    on this machine (None without one: the router then follows its queue rule). Nothing is measured here."""
+    from runtime.planner import profile
+    from runtime.planner.cli import profile_cache_dir
+    from runtime.planner.costs import ProfileCosts
+
+    path = profile.cache_path(Path(model_dir), profile_cache_dir())
+    data = profile.load_or_new(path, Path(model_dir))
+    if not data[profile.THREADS_KEY]:
+        return None
+    threads = [i.threads for i in topology.instances]
+    cores = os.cpu_count() or 1  # the instances share this host's cores (each has at least one thread)
+    cores = min(cores, sum(threads)) if all(threads) else cores
+    known = {f.name for f in dataclasses.fields(Budgets)}
+    planner = Planner([], ProfileCosts(data), slo, Resources(cores=cores),
+                      Budgets(**{k: v for k, v in budgets.items() if k in known and v is not None}))
+    return PlannedMoves(planner)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from runtime.cluster.topology import parse_topology
 from runtime.server.config import Limits, ServerConfig
-
-TINY_ALIASES = {"tiny": "qwen2_vl", "tiny-llava": "llava"}  # the cached embedded checkpoints
+from runtime.tiny_model import resolve_model
 
 
 def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
@@ -93,15 +92,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         graceful_shutdown_s=args.graceful_shutdown,
         engine_overrides={k: v for k, v in overrides.items() if v is not None}, topology=topology,
         transfer=args.transfer, max_waiting_requests=args.max_waiting_requests, ray=args.ray)
-
-
-def resolve_model(name: str) -> str:
-    """A model alias to its checkpoint directory (built and cached on first use); other names pass through."""
-    if name in TINY_ALIASES:
-        from runtime.tiny_model import ensure_tiny_model
-
-        return str(ensure_tiny_model("tiny", arch=TINY_ALIASES[name]))
-    return name
 
 
 def serve(args: argparse.Namespace) -> int:
