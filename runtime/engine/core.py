@@ -228,11 +228,11 @@ class Engine:
         t0 = time.perf_counter()
         results = self.runner.run(chunks, is_decode)
         self._sample(chunks, results)
-        decoded = sum(1 for c in chunks if c.start >= c.req.prompt_len)
+        decoded = sum(1 for c in chunks if c.generated)
         stage = "decode" if is_decode else "mixed" if decoded else "prefill"
         self.stage_seconds[stage] += time.perf_counter() - t0
         self.stats["decode_tokens"] += decoded
-        self.stats["prefill_tokens"] += sum(c.end - c.start for c in chunks) - decoded
+        self.stats["prefill_tokens"] += sum(c.num_tokens for c in chunks) - decoded
 
     def _sample(self, chunks: list[Chunk], results: list[ChunkLogits]) -> None:
         for chunk, res in zip(chunks, results):

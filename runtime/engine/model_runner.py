@@ -34,6 +34,15 @@ class Chunk:
     def samples(self) -> bool:
         return self.end == self.req.seq_len
 
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+    @property
+    def generated(self) -> bool:
+        """A decode step: the token fed is one the model generated (a one-token prompt chunk is not)."""
+        return self.start >= self.req.prompt_len
+
     def prompt_logprob_rows(self) -> range:
         """Rows whose logits score the next prompt token at or after the requested start."""
         covered = self.req.prompt_logprobs_covered
@@ -91,12 +100,12 @@ class ModelRunner:
                 rows, emb = self._image_rows(c)
                 image_rows.append(rows + offset)
                 embeds.extend(emb)
-            offset += c.end - c.start
+            offset += c.num_tokens
         batch = ForwardBatch(
             is_decode=is_decode,
             input_ids=torch.tensor(ids, dtype=torch.long),
             positions=torch.cat(pos, dim=1),
-            extend_lens=[c.end - c.start for c in chunks],
+            extend_lens=[c.num_tokens for c in chunks],
             seq_lens=[c.end for c in chunks],
             block_tables=block_tables([c.req.pages for c in chunks]),
             out_slots=torch.cat(slots),
@@ -142,6 +151,6 @@ class ModelRunner:
 def _leading_single_tokens(chunks: list[Chunk]) -> int:
     """How many chunks at the front add one token each: their attention takes the decode path."""
     n = 0
-    while n < len(chunks) and chunks[n].end - chunks[n].start == 1:
+    while n < len(chunks) and chunks[n].num_tokens == 1:
         n += 1
     return n

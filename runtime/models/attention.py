@@ -67,8 +67,10 @@ def plan_pass(backend: "AttentionBackend", batch: ForwardBatch, page_size: int,
         return backend.plan(dataclasses.replace(batch, is_decode=True, num_decode=0), page_size, device)
 
     def part(rows: slice, is_decode: bool) -> ForwardBatch:
+        lens = batch.seq_lens[rows]
+        cols = -(-max(lens) // page_size)  # the table is as wide as the longest row of the whole batch
         return dataclasses.replace(batch, is_decode=is_decode, num_decode=0, extend_lens=batch.extend_lens[rows],
-                                   seq_lens=batch.seq_lens[rows], block_tables=batch.block_tables[rows])
+                                   seq_lens=lens, block_tables=batch.block_tables[rows, :cols])
 
     return MixedPlan(backend.plan(part(slice(0, n), True), page_size, device),
                      backend.plan(part(slice(n, None), False), page_size, device), n)
