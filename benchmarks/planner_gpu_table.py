@@ -17,6 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runtime.config import Slo  # noqa: E402
 from runtime.planner.cli import ROLE_WORKLOADS, bench_requests, resolve_model  # noqa: E402
 from runtime.planner.plan import build_plan  # noqa: E402
 
@@ -40,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", default=",".join(ROLE_WORKLOADS))
     p.add_argument("--per-gpu", type=int, default=150, help="requests per GPU in each simulated run")
     p.add_argument("--device-profile", default="h100-qwen2-vl-7b")
-    p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    Slo.add_arguments(p, ttft_ms=1000.0, tpot_ms=50.0)
     p.add_argument("--simulate-top", type=int, default=8)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)

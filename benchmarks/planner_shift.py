@@ -48,8 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--num-prompts", type=int, default=4000, help="in all; the first half encode-heavy")
     p.add_argument("--device-profile", default="h100-qwen2-vl-7b")
-    p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    Slo.add_arguments(p, ttft_ms=1000.0, tpot_ms=50.0)
     p.add_argument("--simulate-top", type=int, default=6)
     p.add_argument("--second-output-len", type=int, default=None,
                    help="output tokens of the decode-heavy half (default: its 128)")
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.second_output_len:
         dec = with_output(dec, args.second_output_len)
     costs = ProfileCosts(load_json(device_profile_path(args.device_profile)), "gpu")
-    slo, res = Slo(args.slo_ttft_ms, args.slo_tpot_ms), Resources(gpus=args.gpus)
+    slo, res = Slo.from_args(args), Resources(gpus=args.gpus)
     specs = gpu_candidates(args.gpus, max(1, args.gpus // 8))
     first = Planner(enc, costs, slo, res).rank(specs, keep=args.simulate_top)[0]
     whole = Planner(enc + dec, costs, slo, res)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,18 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class Slo:
-    """Latency targets: time to first token, and the p90 of one request's own inter-token gaps."""
-    ttft_ms: float
-    tpot_ms: float
+    """Latency targets: time to first token, and the p90 of one request's own inter-token gaps.
+
+    The defaults are `epd plan`'s and `epd bench`'s, and what `epd serve --role-switching` plans for."""
+    ttft_ms: float = 3000.0
+    tpot_ms: float = 100.0
+
+    @staticmethod
+    def add_arguments(group: Any, ttft_ms: float = 3000.0, tpot_ms: float = 100.0) -> None:
+        """`--slo-ttft-ms` and `--slo-tpot-ms` on an argparse parser or group."""
+        group.add_argument("--slo-ttft-ms", type=float, default=ttft_ms, help="time to first token target")
+        group.add_argument("--slo-tpot-ms", type=float, default=tpot_ms, help="p90 inter-token gap target")
+
+    @classmethod
+    def from_args(cls, args: Any) -> "Slo":
+        return cls(args.slo_ttft_ms, args.slo_tpot_ms)

@@ -18,6 +18,7 @@ from images import make_image  # noqa: E402
 from runtime.cli import main  # noqa: E402
 from runtime.cluster.role_switch import SwitchPolicy  # noqa: E402
 from runtime.cluster.topology import parse_topology  # noqa: E402
+from runtime.config import Slo  # noqa: E402
 from runtime.messages import GenerateRequest  # noqa: E402
 from runtime.planner import profile  # noqa: E402
 from runtime.planner.cli import resolve_model  # noqa: E402
@@ -70,8 +71,17 @@ def test_plan_profiles_once_simulates_and_writes_the_json(tmp_path, capsys, smal
     image = [{"type": "image", "image": make_image("red", (112, 112))}, {"type": "text", "text": "What is it?"}]
     prepared = Processor(model).prepare([{"role": "user", "content": image}])
     msg = GenerateRequest("r", prepared.input_ids, prepared.images, SamplingParams(max_new_tokens=4))
-    move = chooser.best_move([frozenset(r) for r in "EPDD"], [msg] * 8, SwitchPolicy())
+    move = chooser.best_move([frozenset(r) for r in "EPDD"], [chooser.shape(msg)] * 8, SwitchPolicy())
     assert move is None or move[1] != frozenset("D")  # four-token outputs never ask for a third decoder
+
+    # its SLO flags are what the planned moves aim for
+    from runtime.cli import build_parser
+    from runtime.server.app import _move_chooser
+    from runtime.server.cli import config_from_args
+
+    args = build_parser().parse_args(["serve", "tiny", "--instances", "E,P,D", "--role-switching",
+                                      "--slo-tpot-ms", "40"])
+    assert _move_chooser(config_from_args(args)).planner.slo == Slo(ttft_ms=3000.0, tpot_ms=40.0)
 
 
 def test_plan_for_gpus_reads_a_device_profile(tmp_path, capsys):

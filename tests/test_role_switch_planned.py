@@ -15,7 +15,8 @@ from runtime.messages import GenerateRequest, ImageInput
 from runtime.planner.cli import device_profile_path, load_json
 from runtime.planner.costs import ProfileCosts
 from runtime.planner.search import Planner, Resources
-from runtime.planner.switching import PlannedMoves, planned_moves
+from runtime.planner.switching import PlannedMoves, planned_moves, shape_of
+from runtime.planner.workload import Shape
 
 POLICY = SwitchPolicy(sustain=3)
 
@@ -36,6 +37,10 @@ def decode_heavy(n: int) -> list[GenerateRequest]:
     return [GenerateRequest(f"d{i}", (1,) * 64, (), types.SimpleNamespace(max_new_tokens=1024)) for i in range(n)]
 
 
+def shapes(msgs: list[GenerateRequest]) -> list[Shape]:
+    return [shape_of(m) for m in msgs]
+
+
 def switcher_over(specs: list[str], recent: list[GenerateRequest]) -> RoleSwitcher:
     views = {f"{s}{i}": InstanceView(f"{s}{i}", frozenset(s)) for i, s in enumerate(specs)}
     switcher = RoleSwitcher(types.SimpleNamespace(views=views), POLICY, chooser(len(specs)))
@@ -48,20 +53,21 @@ def test_the_planner_moves_a_decoder_to_prefill_when_image_prompts_pile_up():
     # On the H100 profile a 4-image, 4200-token prompt costs P more than E (the 7B LM over 4200 tokens
     # against the 675M tower), and two-token outputs leave the decoders idle.
     move = chooser(4).best_move([frozenset("E"), frozenset("P"), frozenset("D"), frozenset("D")],
-                                encode_heavy(40), POLICY)
+                                shapes(encode_heavy(40)), POLICY)
     assert move is not None and move[0] in (2, 3) and move[1] == frozenset("P"), move
     assert "planner" in move[2]
 
 
 def test_the_planner_moves_an_encoder_to_decode_for_long_outputs_and_never_the_last_of_a_role():
     roles = [frozenset("E"), frozenset("E"), frozenset("P"), frozenset("D")]
-    move = chooser(4).best_move(roles, decode_heavy(40), POLICY)
+    move = chooser(4).best_move(roles, shapes(decode_heavy(40)), POLICY)
     assert move is not None and move[0] in (0, 1) and move[1] == frozenset("D"), move
-    assert chooser(3).best_move(roles[1:], decode_heavy(40), POLICY) is None  # E is the last encoder
+    assert chooser(3).best_move(roles[1:], shapes(decode_heavy(40)), POLICY) is None  # E is the last encoder
 
 
 def test_a_move_is_made_only_once_named_on_sustain_checks_in_a_row():
     switcher = switcher_over(["E", "P", "D", "D"], encode_heavy(40))
+    assert all(isinstance(s, Shape) for _, s in switcher.arrivals)  # the window keeps sizes, not pixels
     assert [switcher.planned() for _ in range(POLICY.sustain - 1)] == [None] * (POLICY.sustain - 1)
     name, roles, why = switcher.planned()
     assert name in ("D2", "D3") and roles == frozenset("P") and "capacity" in why

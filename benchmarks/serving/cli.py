@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.serving.workloads import DATASETS
+from runtime.config import Slo
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,7 @@ def add_bench_parser(subparsers: "argparse._SubParsersAction") -> None:
     a.add_argument("--max-concurrency", type=int, default=None)
     a.add_argument("--sweep-rates", default=None, help="comma-separated rates; reports goodput")
     a.add_argument("--request-timeout", type=float, default=600.0)
-    a.add_argument("--slo-ttft-ms", type=float, default=3000.0)
-    a.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    Slo.add_arguments(a)
     o = p.add_argument_group("output")
     o.add_argument("--save-result", action="store_true", help="write JSON (one file per run) and PNG plots")
     o.add_argument("--result-dir", default=".")
@@ -128,10 +128,10 @@ def run_system(args: argparse.Namespace, label: str, url: str, requests: list, w
     from benchmarks.serving.accuracy import accuracy, accuracy_table
     from benchmarks.serving.arrivals import arrival_times
     from benchmarks.serving.client import Target, run_benchmark
-    from benchmarks.serving.metrics import Slo, goodput, summarize
+    from benchmarks.serving.metrics import goodput, summarize
 
     target = Target(url, resolve_model(args, url), args.api_key, args.ignore_eos, args.request_timeout)
-    slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
+    slo = Slo.from_args(args)
     print(f"[{label}] {url} model={target.model} dataset={args.dataset} n={len(requests)} SLO: "
           f"TTFT <= {slo.ttft_ms:g} ms, p90 TPOT <= {slo.tpot_ms:g} ms")
     if warmups:
@@ -181,12 +181,11 @@ def result_path(args: argparse.Namespace, label: str, tag: str, stamp: str, ext:
 
 def write_plots(args: argparse.Namespace, sweeps: dict, cdfs: dict, stamp: str) -> None:
     from benchmarks.serving import report
-    from benchmarks.serving.metrics import Slo
 
     base = Path(args.result_dir) / f"bench-{args.dataset}-{stamp}"
     print(f"saved {report.plot_cdfs(cdfs, base.with_name(base.name + '-cdf.png'))}")
     if args.sweep_rates:
-        slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
+        slo = Slo.from_args(args)
         print(f"saved {report.plot_attainment(sweeps, slo, base.with_name(base.name + '-attainment.png'))}")
 
 

@@ -48,11 +48,15 @@ class SwitchPolicy:
 
 
 class MoveChooser(Protocol):
-    def best_move(self, roles: list[frozenset[str]], recent: list[GenerateRequest],
+    def shape(self, msg: GenerateRequest) -> Any:
+        """What the chooser keeps of an arriving request (its sizes; never its pixels)."""
+        ...
+
+    def best_move(self, roles: list[frozenset[str]], recent: list[Any],
                   policy: SwitchPolicy) -> tuple[int, frozenset[str], str] | None:
         """The instance (an index into `roles`), its new roles and why, or None: keep the mix.
 
-        `roles` holds every instance's current roles; `recent`, the requests of the last window."""
+        `roles` holds every instance's current roles; `recent`, the shapes of the last window's requests."""
         ...
 
 
@@ -64,7 +68,7 @@ class RoleSwitcher:
     def __init__(self, router: Any, policy: SwitchPolicy | None = None, chooser: MoveChooser | None = None) -> None:
         self.router, self.policy, self.chooser = router, policy or SwitchPolicy(), chooser
         self.samples: deque[tuple[float, dict[str, float]]] = deque()
-        self.arrivals: deque[tuple[float, GenerateRequest]] = deque()
+        self.arrivals: deque[tuple[float, Any]] = deque()  # (monotonic s, the chooser's shape of a request)
         self.streak: tuple[Any, int] = (None, 0)
         self.pending: dict[str, tuple[frozenset[str], bool]] = {}  # name -> (roles, told)
         self.last_check = self.last_switch = float("-inf")
@@ -72,7 +76,7 @@ class RoleSwitcher:
     def note(self, msg: GenerateRequest) -> None:
         """A request arrived (the planner's model reads the window's requests)."""
         if self.chooser is not None:
-            self.arrivals.append((time.monotonic(), msg))
+            self.arrivals.append((time.monotonic(), self.chooser.shape(msg)))
 
     # ---- the rule -----------------------------------------------------------------------------------
     def pressures(self) -> dict[str, float]:
@@ -119,7 +123,7 @@ class RoleSwitcher:
     def planned(self) -> tuple[str, frozenset[str], str] | None:
         """The chooser's move, once it has named the same one on `sustain` checks in a row."""
         views = [v for v in self.router.views.values() if v.draining_to is None]
-        recent = [msg for _, msg in self.arrivals]
+        recent = [shape for _, shape in self.arrivals]
         try:
             move = self.chooser.best_move([v.roles for v in views], recent, self.policy) if recent else None
         except Exception:  # a profile without this shape's costs, say: keep the mix, never stop the router

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from runtime.config import Slo
+
 ROLE_WORKLOADS = ("encode-heavy", "decode-heavy", "mixed")
 DEVICES = Path(__file__).resolve().parent / "devices"
 
@@ -36,8 +38,7 @@ def add_plan_parser(subparsers: "argparse._SubParsersAction") -> None:
     w.add_argument("--burstiness", type=float, default=1.0)
     w.add_argument("--max-concurrency", type=int, default=None)
     w.add_argument("--sweep-rates", default=None, help="comma-separated rates: goodput as `epd bench` computes it")
-    w.add_argument("--slo-ttft-ms", type=float, default=3000.0)
-    w.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    Slo.add_arguments(w)
     r = p.add_argument_group("resources")
     r.add_argument("--cores", type=int, default=None, help="CPU cores to plan for (default: this machine's)")
     r.add_argument("--max-instances", type=int, default=None,

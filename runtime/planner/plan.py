@@ -104,7 +104,7 @@ def build_plan(args: argparse.Namespace, model_dir: Path, requests: list) -> Pla
     budgets = Budgets(**{k: v for k, v in data.get("budgets", {}).items()})
     if getattr(args, "stream_ms_per_token", None) is not None:
         costs.stream_ms_per_token = args.stream_ms_per_token
-    planner = Planner(shapes, costs, Slo(args.slo_ttft_ms, args.slo_tpot_ms), resources(args), budgets,
+    planner = Planner(shapes, costs, Slo.from_args(args), resources(args), budgets,
                       args.burstiness, args.seed, args.max_concurrency)
     keep = args.simulate_top if args.gpus else None
     ranked = planner.rank(specs, cli.parse_rates(args.sweep_rates, args.request_rate), keep, [colocated])

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.cluster.role_switch import SwitchPolicy
+from runtime.cluster.role_switch import SwitchPolicy, role_str
 from runtime.cluster.topology import Topology
 from runtime.config import Slo
 from runtime.messages import GenerateRequest
@@ -24,22 +24,25 @@ from runtime.planner.sim import Budgets, Node, Simulation
 from runtime.planner.workload import Shape
 
 SIM_POLICY = SwitchPolicy(window_s=4.0)  # the shifting-workload benchmark's window
-DEFAULT_SLO = Slo(ttft_ms=3000.0, tpot_ms=100.0)  # `epd plan`'s defaults
 
 
 def spec_for(roles: list[frozenset[str]]) -> str:
-    counts = Counter("".join(r for r in "EPD" if r in roles_) for roles_ in roles)
+    counts = Counter(map(role_str, roles))
     return spec_of(list(counts), list(counts.values()))
 
 
 def best_move(planner: Planner, roles: list[frozenset[str]], recent: list[Shape],
               policy: SwitchPolicy) -> tuple[int, frozenset[str], float] | None:
     """The single move (instance index, new roles) that raises the fluid capacity bound of `recent` most,
-    with its gain, if it beats `1 + policy.margin`; never the last instance of a role."""
+    with its gain, if it beats `1 + policy.margin`; never the last instance of a role.
+
+    Instances with the same roles are interchangeable to the model, so each role set is tried once (on its
+    first instance): the work per check grows with the number of role sets, not of instances."""
     probe = Planner(recent, planner.costs, planner.slo, planner.resources, planner.budgets)
     base = capacity_bound(spec_for(roles), probe)
     best, best_gain = None, 1.0 + policy.margin
-    for i, current in enumerate(roles):
+    firsts = {r: i for i, r in reversed(list(enumerate(roles)))}
+    for current, i in sorted(firsts.items(), key=lambda kv: kv[1]):
         for new_roles in map(frozenset, policy.role_sets):
             new = roles[:i] + [new_roles] + roles[i + 1:]
             if new_roles == current or not all(any(r in s for s in new) for r in "EPD"):
@@ -51,6 +54,7 @@ def best_move(planner: Planner, roles: list[frozenset[str]], recent: list[Shape]
 
 
 def shape_of(msg: GenerateRequest) -> Shape:
+    """What the planner's model reads of a request: token counts and pixel bytes, never the pixels."""
     return Shape(tuple(im.num_tokens for im in msg.images), len(msg.input_ids), msg.sampling.max_new_tokens,
                  tuple(int(getattr(im.pixel_values, "nbytes", 0)) for im in msg.images), 0.0)
 
@@ -61,9 +65,12 @@ class PlannedMoves:
 
     planner: Planner  # its costs, SLO, resources and budgets; its shapes are unused
 
-    def best_move(self, roles: list[frozenset[str]], recent: list[GenerateRequest],
+    def shape(self, msg: GenerateRequest) -> Shape:
+        return shape_of(msg)
+
+    def best_move(self, roles: list[frozenset[str]], recent: list[Shape],
                   policy: SwitchPolicy) -> tuple[int, frozenset[str], str] | None:
-        move = best_move(self.planner, roles, [shape_of(m) for m in recent], policy)
+        move = best_move(self.planner, roles, recent, policy)
         if move is None:
             return None
         i, new_roles, gain = move
@@ -106,17 +113,16 @@ class Switcher:
     def _best_move(self, recent: list[Shape]) -> tuple[Node, str] | None:
         nodes = self.sim.nodes
         move = best_move(self.planner, [n.roles for n in nodes], recent, self.policy)
-        return None if move is None else (nodes[move[0]], "".join(r for r in "EPD" if r in move[1]))
+        return None if move is None else (nodes[move[0]], role_str(move[1]))
 
     def _switched(self, node: Node, old: frozenset[str]) -> None:
-        fmt = lambda r: "".join(x for x in "EPD" if x in r)  # noqa: E731
-        self.log.append((self.sim.clock.now, node.name, fmt(old), fmt(node.roles)))
+        self.log.append((self.sim.clock.now, node.name, role_str(old), role_str(node.roles)))
         for other in self.sim.nodes:
             self.sim._poll_lm(other)
             self.sim._poll_encoder(other)
 
 
-def planned_moves(model_dir: Path, topology: Topology, slo: Slo = DEFAULT_SLO, **budgets: Any) -> PlannedMoves | None:
+def planned_moves(model_dir: Path, topology: Topology, slo: Slo | None = None, **budgets: Any) -> PlannedMoves | None:
     """The planner's model for `epd serve --role-switching`, from the profile `epd plan` cached for this model
     on this machine (None without one: the router then follows its queue rule). Nothing is measured here."""
     from runtime.planner import profile
@@ -131,6 +137,6 @@ def planned_moves(model_dir: Path, topology: Topology, slo: Slo = DEFAULT_SLO, *
     cores = os.cpu_count() or 1  # the instances share this host's cores (each has at least one thread)
     cores = min(cores, sum(threads)) if all(threads) else cores
     known = {f.name for f in dataclasses.fields(Budgets)}
-    planner = Planner([], ProfileCosts(data), slo, Resources(cores=cores),
+    planner = Planner([], ProfileCosts(data), slo or Slo(), Resources(cores=cores),
                       Budgets(**{k: v for k, v in budgets.items() if k in known and v is not None}))
     return PlannedMoves(planner)

@@ -39,7 +39,7 @@ def _move_chooser(config: ServerConfig) -> Any:
         return None
     from runtime.planner.switching import planned_moves
 
-    chooser = planned_moves(config.model_path, config.topology, **config.engine_overrides)
+    chooser = planned_moves(config.model_path, config.topology, config.slo, **config.engine_overrides)
     log.info("role switching follows %s", "the planner's model (cached profile)" if chooser else
              "the queue rule (no `epd plan` profile of this model on this machine)")
     return chooser

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from runtime.cluster.topology import parse_topology
+from runtime.config import Slo
 from runtime.server.config import Limits, ServerConfig
 from runtime.tiny_model import resolve_model
 
@@ -57,6 +58,8 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
                    help="requests waiting for a first token at most; beyond it 503 with Retry-After (default: no cap)")
     p.add_argument("--role-switching", action="store_true",
                    help="move instances between roles when one stage stays the bottleneck (loads every tower)")
+    Slo.add_arguments(p.add_argument_group("latency targets that --role-switching plans for (with an `epd plan` "
+                                           "profile of this model)"))
     p.add_argument("--json-whitespace-flexible", action="store_true",
                    help="JSON output may contain any whitespace (default: compact; a request's x-guidance overrides)")
     p.add_argument("--log-level", default="info")
@@ -91,7 +94,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allow_private_media_urls=args.allow_private_media_urls,
         graceful_shutdown_s=args.graceful_shutdown,
         engine_overrides={k: v for k, v in overrides.items() if v is not None}, topology=topology,
-        transfer=args.transfer, max_waiting_requests=args.max_waiting_requests, ray=args.ray)
+        transfer=args.transfer, max_waiting_requests=args.max_waiting_requests, ray=args.ray,
+        slo=Slo.from_args(args))
 
 
 def serve(args: argparse.Namespace) -> int:

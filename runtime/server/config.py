@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.cluster.topology import Topology, parse_topology
+from runtime.config import Slo
 
 
 @dataclass(frozen=True)
@@ -39,3 +40,4 @@ class ServerConfig:
     transfer: str = "shm"  # data plane between instances: shm (one host) or zmq (raw frames, any host)
     max_waiting_requests: int | None = None  # beyond it, new requests get 503 + Retry-After
     ray: str | None = None  # a Ray cluster address (or "local") to place the instances on
+    slo: Slo = field(default_factory=Slo)  # what --role-switching's planned moves aim for
