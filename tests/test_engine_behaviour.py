@@ -191,3 +191,8 @@ def test_without_overlap_every_stage_keeps_all_threads(tiny_model_dir, red_image
     eng.runner.run = lambda *a: seen.append(torch.get_num_threads()) or run(*a)
     eng.generate([_ask(red_image, "What is it?"), {"prompt": "a long story " * 8}], GREEDY)
     assert len(seen) > 3 and set(seen) == {2}
+    seen.clear()
+    eng.set_num_threads(1)  # as `epd plan` profiles each thread count: a step must not restore 2
+    eng.generate([_ask(red_image, "What is it, then?"), {"prompt": "a short story " * 8}], GREEDY)
+    assert len(seen) > 3 and set(seen) == {1}
+    torch.set_num_threads(2)

@@ -195,6 +195,12 @@ class Engine:
         future = self._encoder_pool.submit(job) if self._encoder_pool else _done(job)
         self._encode_job = (future, list(todo.values()))
 
+    def set_num_threads(self, n: int) -> None:
+        """Every stage uses `n` torch threads from now on (`torch.set_num_threads` alone would be undone at the
+        next step, which restores the engine's own count)."""
+        torch.set_num_threads(n)
+        self._threads = n
+
     def _share_threads(self, other_stage_busy: bool) -> None:
         if self._split_threads:
             torch.set_num_threads(max(1, self._threads // 2) if other_stage_busy else self._threads)

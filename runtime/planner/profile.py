@@ -29,7 +29,7 @@ import torch
 from runtime.engine.calibrate import best_ms
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2  # 2: LM stages measured at the table's thread count (v1 ran them at every core)
 THREADS_KEY = "threads"
 PREFILL_TOKENS = (16, 64, 256, 512, 1024, 2048)
 DECODE_BATCHES = (1, 4, 16, 32, 64)
@@ -105,7 +105,7 @@ class Profiler:
 
     def ensure(self, threads: int, images: dict[int, Any]) -> bool:
         """Measure what is missing at `threads`; `images` maps image tokens -> one ImageInput. True if it measured."""
-        torch.set_num_threads(threads)
+        self.engine.set_num_threads(threads)
         t = self.table(threads)
         before = json.dumps(t, sort_keys=True)
         for tokens, image in sorted(images.items()):
