@@ -7,7 +7,10 @@ vectors the LM reads):
   the scene's shape count;
 - per shape, its kind, from the mean of that shape's tokens. A single token often cannot tell (the inside
   of a shape, or an edge that is straight in a circle too); a per-token kind target stayed at chance for
-  hundreds of steps, while the pooled one learns.
+  hundreds of steps, while the pooled one learns;
+- with `token_kind`, per shape token its shape's kind as well (the same head as the pooled target: the LM
+  answers `What color is the circle?` by finding circle tokens, and a tower that has learnt kinds from the
+  pooled target can pass them to every token of the shape).
 It is dropped after training; the checkpoint stays plain Qwen2-VL.
 """
 from __future__ import annotations
@@ -43,8 +46,9 @@ def token_targets(scene: Scene, grid_thw: tuple[int, int, int], image: int = 0) 
 class Probe(torch.nn.Module):
     """Linear heads on the merged image tokens, captured by a forward hook on the vision merger."""
 
-    def __init__(self, model: torch.nn.Module, hidden: int) -> None:
+    def __init__(self, model: torch.nn.Module, hidden: int, token_kind: bool = False) -> None:
         super().__init__()
+        self.token_kind = token_kind
         self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, n) for n in CLASSES)
         self.tokens: torch.Tensor | None = None
         model.model.visual.merger.register_forward_hook(self._capture)
@@ -63,5 +67,8 @@ class Probe(torch.nn.Module):
         pooled = tokens.new_zeros(len(shape_id), tokens.shape[1]).index_add_(0, which, tokens[on])
         pooled = pooled / torch.bincount(which, minlength=len(shape_id))[:, None]
         kinds = kind.new_zeros(len(shape_id)).index_put_((which,), kind[on])
-        return {"color": ce(self.heads[0](tokens[on]), color[on]), "shape": ce(self.heads[1](pooled), kinds),
-                "rank": ce(self.heads[2](tokens), rank), "count": ce(self.heads[3](tokens), count)}
+        out = {"color": ce(self.heads[0](tokens[on]), color[on]), "shape": ce(self.heads[1](pooled), kinds),
+               "rank": ce(self.heads[2](tokens), rank), "count": ce(self.heads[3](tokens), count)}
+        if self.token_kind:
+            out["token_shape"] = ce(self.heads[1](tokens[on]), kind[on])
+        return out

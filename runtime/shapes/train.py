@@ -168,7 +168,7 @@ def evaluate(model, processor: Processor, n: int, seed: int = HELD_OUT_SEED) -> 
 
 
 def train(out: Path, steps: int, vision_steps: int, batch: int, lr: float, seed: int, save_every: int,
-          eval_n: int, init: Path | None = None) -> None:
+          eval_n: int, init: Path | None = None, token_kind: bool = False) -> None:
     from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -178,7 +178,7 @@ def train(out: Path, steps: int, vision_steps: int, batch: int, lr: float, seed:
     else:
         model = Qwen2VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
     model = model.to(torch.float32).train()
-    probe, rng = Probe(model, MODEL.hidden), random.Random(seed)
+    probe, rng = Probe(model, MODEL.hidden, token_kind), random.Random(seed)
     vision = list(model.model.visual.parameters()) + list(probe.parameters())
     run_stage("vision", vision_steps, lr, vision, lambda: vision_step(model, probe, processor, rng, batch))
     pad_id = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -250,10 +250,11 @@ def main() -> None:
     p.add_argument("--eval-n", type=int, default=36, help="held-out questions asked at each save")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init", type=Path, default=None, help="start from this checkpoint (a later training stage)")
+    p.add_argument("--token-kind", action="store_true", help="the probe also asks every shape token for its kind")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     train(args.out, args.steps, args.vision_steps, args.batch, args.lr, args.seed, args.save_every, args.eval_n,
-          args.init)
+          args.init, args.token_kind)
 
 
 if __name__ == "__main__":
