@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", default=",".join(ROLE_WORKLOADS))
     p.add_argument("--per-gpu", type=int, default=150, help="requests per GPU in each simulated run")
     p.add_argument("--device-profile", default="h100-qwen2-vl-7b")
-    Slo.add_arguments(p, ttft_ms=1000.0, tpot_ms=50.0)
+    Slo.add_arguments(p, Slo(ttft_ms=1000.0, tpot_ms=50.0))
     p.add_argument("--simulate-top", type=int, default=8)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--num-prompts", type=int, default=4000, help="in all; the first half encode-heavy")
     p.add_argument("--device-profile", default="h100-qwen2-vl-7b")
-    Slo.add_arguments(p, ttft_ms=1000.0, tpot_ms=50.0)
+    Slo.add_arguments(p, Slo(ttft_ms=1000.0, tpot_ms=50.0))
     p.add_argument("--simulate-top", type=int, default=6)
     p.add_argument("--second-output-len", type=int, default=None,
                    help="output tokens of the decode-heavy half (default: its 128)")

@@ -43,10 +43,11 @@ class Slo:
     tpot_ms: float = 100.0
 
     @staticmethod
-    def add_arguments(group: Any, ttft_ms: float = 3000.0, tpot_ms: float = 100.0) -> None:
-        """`--slo-ttft-ms` and `--slo-tpot-ms` on an argparse parser or group."""
-        group.add_argument("--slo-ttft-ms", type=float, default=ttft_ms, help="time to first token target")
-        group.add_argument("--slo-tpot-ms", type=float, default=tpot_ms, help="p90 inter-token gap target")
+    def add_arguments(group: Any, defaults: "Slo | None" = None) -> None:
+        """`--slo-ttft-ms` and `--slo-tpot-ms` on an argparse parser or group (defaults: `Slo()`'s)."""
+        d = defaults or Slo()
+        group.add_argument("--slo-ttft-ms", type=float, default=d.ttft_ms, help="time to first token target")
+        group.add_argument("--slo-tpot-ms", type=float, default=d.tpot_ms, help="p90 inter-token gap target")
 
     @classmethod
     def from_args(cls, args: Any) -> "Slo":

@@ -41,8 +41,10 @@ def best_move(planner: Planner, roles: list[frozenset[str]], recent: list[Shape]
     probe = Planner(recent, planner.costs, planner.slo, planner.resources, planner.budgets)
     base = capacity_bound(spec_for(roles), probe)
     best, best_gain = None, 1.0 + policy.margin
-    firsts = {r: i for i, r in reversed(list(enumerate(roles)))}
-    for current, i in sorted(firsts.items(), key=lambda kv: kv[1]):
+    firsts: dict[frozenset[str], int] = {}
+    for i, r in enumerate(roles):
+        firsts.setdefault(r, i)
+    for current, i in firsts.items():
         for new_roles in map(frozenset, policy.role_sets):
             new = roles[:i] + [new_roles] + roles[i + 1:]
             if new_roles == current or not all(any(r in s for s in new) for r in "EPD"):
