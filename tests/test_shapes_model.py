@@ -73,9 +73,9 @@ def test_trainer_writes_a_checkpoint_our_engine_and_transformers_agree_on(tmp_pa
     from reference import reference_greedy
     from runtime.engine.core import Engine
     from runtime.preprocess import Processor
-    from runtime.shapes.train import train
+    from runtime.shapes.train import TrainConfig, train
 
-    train(tmp_path / "m", steps=2, vision_steps=2, batch=2, lr=1e-3, seed=0, save_every=2, eval_n=0)
+    train(tmp_path / "m", TrainConfig(steps=2, vision_steps=2, batch=2, save_every=2, eval_n=0, focus=("json",)))
     processor = Processor(tmp_path / "m")
     scene = random_scene(random.Random(3))
     messages = [{"role": "user", "content": [{"type": "image", "image": scene.image()},

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +45,21 @@ VOCAB_SIZE = 2048
 IGNORE = -100
 PROBE_WEIGHT = 0.5
 MAX_PIXELS = 6 * 6 * 28 * 28  # 168x168: 6x6 merged tokens at most
+FOCUS_WEIGHT = 3  # a `--focus` kind is drawn this many times as often as another
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1500
+    vision_steps: int = 2000
+    batch: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    save_every: int = 100
+    eval_n: int = 36
+    init: Path | None = None
+    token_kind: bool = False
+    focus: tuple[str, ...] = ()
 
 
 def english_corpus(seed: int) -> list[str]:
@@ -95,12 +111,13 @@ def example(processor: Processor, scene: Scene, asked: list[Question]):
     return ids, labels, prepared.images[0]
 
 
-def sample_questions(rng: random.Random, scene: Scene) -> list[Question]:
-    """1-4 questions, each of a kind drawn uniformly from the kinds this scene has."""
+def sample_questions(rng: random.Random, scene: Scene, focus: tuple[str, ...] = ()) -> list[Question]:
+    """1-4 questions, each of a kind drawn from the kinds this scene has: uniformly, except that a kind in
+    `focus` weighs FOCUS_WEIGHT."""
     by_kind: dict[str, list[Question]] = {}
     for q in questions(scene):
         by_kind.setdefault(q.kind, []).append(q)
-    kinds = sorted(by_kind)
+    kinds = [k for k in sorted(by_kind) for _ in range(FOCUS_WEIGHT if k in focus else 1)]
     return [rng.choice(by_kind[rng.choice(kinds)]) for _ in range(rng.randint(1, 4))]
 
 
@@ -120,12 +137,13 @@ def vision_batch(processor: Processor, rng: random.Random, size: int) -> tuple[t
             torch.cat(targets))
 
 
-def make_batch(processor: Processor, rng: random.Random, size: int, pad_id: int) -> tuple[dict, torch.Tensor]:
+def make_batch(processor: Processor, rng: random.Random, size: int, pad_id: int,
+               focus: tuple[str, ...] = ()) -> tuple[dict, torch.Tensor]:
     """Model inputs for `size` chats (right-padded) and the probe targets of their image tokens."""
     rows, targets = [], []
     for i in range(size):
         scene = training_scene(rng)
-        rows.append(example(processor, scene, sample_questions(rng, scene)))
+        rows.append(example(processor, scene, sample_questions(rng, scene, focus)))
         targets.append(token_targets(scene, rows[-1][2].grid_thw, i))
     width = max(len(ids) for ids, _, _ in rows)
     ids = torch.full((size, width), pad_id)
@@ -167,30 +185,29 @@ def evaluate(model, processor: Processor, n: int, seed: int = HELD_OUT_SEED) -> 
     return {k: sum(v) / len(v) for k, v in right.items() if v}
 
 
-def train(out: Path, steps: int, vision_steps: int, batch: int, lr: float, seed: int, save_every: int,
-          eval_n: int, init: Path | None = None, token_kind: bool = False) -> None:
+def train(out: Path, cfg: TrainConfig) -> None:
     from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
     processor = prepare_dir(out, 0)  # the tokenizer is always seed 0's, so a later stage can start from `init`
-    if init is None:
+    if cfg.init is None:
         model = Qwen2VLForConditionalGeneration(AutoConfig.from_pretrained(out))
     else:
-        model = Qwen2VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(cfg.init, dtype=torch.float32)
     model = model.to(torch.float32).train()
-    probe, rng = Probe(model, MODEL.hidden, token_kind), random.Random(seed)
+    probe, rng = Probe(model, MODEL.hidden, cfg.token_kind), random.Random(cfg.seed)
     vision = list(model.model.visual.parameters()) + list(probe.parameters())
-    run_stage("vision", vision_steps, lr, vision, lambda: vision_step(model, probe, processor, rng, batch))
+    run_stage("vision", cfg.vision_steps, cfg.lr, vision, lambda: vision_step(model, probe, processor, rng, cfg.batch))
     pad_id = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
     def saved(step: int, t0: float) -> None:
-        if (step + 1) % save_every == 0 or step == steps - 1:
+        if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
             save(model, out)
             print(f"saved at step {step + 1} ({time.time() - t0:.0f}s); held-out accuracy "
-                  f"{evaluate(model, processor, eval_n)}", flush=True)
+                  f"{evaluate(model, processor, cfg.eval_n)}", flush=True)
 
-    run_stage("joint", steps, lr, list(model.parameters()) + list(probe.parameters()),
-              lambda: joint_step(model, probe, processor, rng, batch, pad_id), saved)
+    run_stage("joint", cfg.steps, cfg.lr, list(model.parameters()) + list(probe.parameters()),
+              lambda: joint_step(model, probe, processor, rng, cfg.batch, pad_id, cfg.focus), saved)
 
 
 def vision_step(model, probe: Probe, processor: Processor, rng: random.Random, batch: int) -> dict[str, torch.Tensor]:
@@ -200,8 +217,8 @@ def vision_step(model, probe: Probe, processor: Processor, rng: random.Random, b
 
 
 def joint_step(model, probe: Probe, processor: Processor, rng: random.Random, batch: int,
-               pad_id: int) -> dict[str, torch.Tensor]:
-    inputs, targets = make_batch(processor, rng, batch, pad_id)
+               pad_id: int, focus: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    inputs, targets = make_batch(processor, rng, batch, pad_id, focus)
     return {"lm": model(**inputs).loss} | probe.losses(targets)
 
 
@@ -241,20 +258,23 @@ def save(model: torch.nn.Module, out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
-    p.add_argument("--vision-steps", type=int, default=2000, help="stage 1: the vision tower on the probe alone")
-    p.add_argument("--steps", type=int, default=1500, help="stage 2: the tower and the LM jointly")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--eval-n", type=int, default=36, help="held-out questions asked at each save")
+    d = TrainConfig()
+    p.add_argument("--vision-steps", type=int, default=d.vision_steps, help="stage 1: the tower on the probe alone")
+    p.add_argument("--steps", type=int, default=d.steps, help="stage 2: the tower and the LM jointly")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--eval-n", type=int, default=d.eval_n, help="held-out questions asked at each save")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--init", type=Path, default=None, help="start from this checkpoint (a later training stage)")
+    p.add_argument("--init", type=Path, default=d.init, help="start from this checkpoint (a later training stage)")
     p.add_argument("--token-kind", action="store_true", help="the probe also asks every shape token for its kind")
+    p.add_argument("--focus", action="append", default=[], choices=KINDS,
+                   help=f"a question kind drawn {FOCUS_WEIGHT}x as often in stage 2 (repeatable)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    train(args.out, args.steps, args.vision_steps, args.batch, args.lr, args.seed, args.save_every, args.eval_n,
-          args.init, args.token_kind)
+    train(args.out, TrainConfig(args.steps, args.vision_steps, args.batch, args.lr, args.seed, args.save_every,
+                                args.eval_n, args.init, args.token_kind, tuple(args.focus)))
 
 
 if __name__ == "__main__":
