@@ -13,7 +13,7 @@ import time
 
 from PIL import Image, ImageDraw
 
-from runtime.server.process import free_port, stop, wait_healthy
+from runtime.cluster.server_process import free_port, stop, wait_healthy
 
 
 def _picture_url() -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.server.process import free_port, wait_healthy
+from runtime.cluster.server_process import free_port, wait_healthy
 from server_helpers import API_KEY, LIMITS, Server
 
 

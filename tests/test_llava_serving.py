@@ -21,8 +21,8 @@ from epdlang.sampling import SamplingParams
 from images import image_bytes, make_image, serve_image
 from reference import reference_greedy
 from runtime.cluster.deployment import Deployment
+from runtime.cluster.server_process import free_port, wait_healthy
 from runtime.engine.core import Engine
-from runtime.server.process import free_port, wait_healthy
 from runtime.tiny_model import ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.serving.arrivals import arrival_times as bench_arrivals  # noqa: E402
+from benchmarks.serving.images import image_data_url  # noqa: E402
 from benchmarks.serving.metrics import goodput as bench_goodput  # noqa: E402
 from epdlang.sampling import SamplingParams  # noqa: E402
 from images import make_image  # noqa: E402
@@ -19,10 +20,12 @@ from runtime.cli import main  # noqa: E402
 from runtime.cluster.role_switch import SwitchPolicy  # noqa: E402
 from runtime.cluster.topology import parse_topology  # noqa: E402
 from runtime.config import Slo  # noqa: E402
+from runtime.engine.calibrate import best_ms  # noqa: E402
 from runtime.messages import GenerateRequest  # noqa: E402
 from runtime.planner import profile  # noqa: E402
 from runtime.planner.cli import resolve_model  # noqa: E402
 from runtime.planner.costs import ProfileCosts, interp  # noqa: E402
+from runtime.planner.front import FrontMeter  # noqa: E402
 from runtime.planner.search import cpu_candidates, goodput, gpu_candidates  # noqa: E402
 from runtime.planner.switching import PlannedMoves, planned_moves  # noqa: E402
 from runtime.planner.workload import arrival_times  # noqa: E402
@@ -96,6 +99,23 @@ def test_plan_for_gpus_reads_a_device_profile(tmp_path, capsys):
     assert plan["colocated"] == "8EPD"
     assert all(c["predicted"]["goodput_rps"] > 0 for c in plan["candidates"])  # 40 at once miss 100 ms
     assert "sources" in plan["profile"] and plan["profile"]["device"].startswith("NVIDIA H100")
+
+
+def test_front_cost_is_the_api_servers_cpu_through_http():
+    """The profile's API-server cost of a request is what a real `epd serve` process spends on it over HTTP:
+    more than its preprocessing alone, more with four images than with text only; the server is stopped."""
+    model = resolve_model("tiny")
+    images = [{"type": "image_url", "image_url": {"url": image_data_url(448, 448, seed)}} for seed in range(4)]
+    with_images = [{"role": "user", "content": [*images, {"type": "text", "text": "What is in these pictures?"}]}]
+    text = [{"role": "user", "content": "Say something."}]
+    meter = FrontMeter(model)
+    try:
+        image_ms, text_ms = meter.ms(with_images), meter.ms(text)
+    finally:
+        meter.close()
+    assert meter.proc.poll() is not None
+    prepare = Processor(model).prepare
+    assert image_ms > best_ms(lambda: prepare(with_images)) and image_ms > text_ms > 0
 
 
 def test_plan_refuses_gpus_without_a_device_profile():

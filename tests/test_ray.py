@@ -193,7 +193,7 @@ def test_epd_serve_joins_an_existing_cluster(cluster, tmp_path):
     import httpx
     from openai import OpenAI
 
-    from runtime.server.process import free_port, wait_healthy
+    from runtime.cluster.server_process import free_port, wait_healthy
     from server_helpers import data_url
 
     c, _ = cluster

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runtime.server.process import free_port, wait_healthy
+from runtime.cluster.server_process import free_port, wait_healthy
 from server_helpers import data_url
 
 pytest.importorskip("ray")

@@ -15,9 +15,9 @@ import openai
 from deployment_helpers import alive
 from epdlang.sampling import SamplingParams
 from images import make_image
+from runtime.cluster.server_process import free_port, stop, wait_healthy
 from runtime.cluster.transfer import shm_dir
 from runtime.engine.core import Engine
-from runtime.server.process import free_port, stop, wait_healthy
 from server_helpers import data_url
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from runtime.server.process import free_port, stop, wait_healthy
+from runtime.cluster.server_process import free_port, stop, wait_healthy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

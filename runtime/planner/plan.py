@@ -68,12 +68,16 @@ def measured_costs(args: argparse.Namespace, model_dir: Path, requests: list, sp
     path = Path(args.profile) if args.profile else profile.cache_path(model_dir, cli.profile_cache_dir())
     data = profile.load_or_new(path, model_dir)
     profiler = profile.Profiler(model_dir, data)
-    prepared, images = prepare_all(profiler.engine.processor, [r.messages for r in requests])
-    res = resources(args)
-    threads = sorted({t for s in specs for _, _, t in res.nodes(s)})
-    measured = [profiler.ensure(t, images) for t in threads]
-    profiler.transfers()
-    shapes = shapes_of([r.messages for r in requests], prepared, [r.output_len for r in requests], profiler.front)
+    try:
+        prepared, images = prepare_all(profiler.engine.processor, [r.messages for r in requests])
+        res = resources(args)
+        threads = sorted({t for s in specs for _, _, t in res.nodes(s)})
+        measured = [profiler.ensure(t, images) for t in threads]
+        profiler.transfers()
+        shapes = shapes_of([r.messages for r in requests], prepared, [r.output_len for r in requests],
+                           profiler.front)
+    finally:
+        profiler.close()
     profile.save(path, data)
     print(f"profile: {path} ({'measured now' if any(measured) else 'from the cache'})")
     return ProfileCosts(data, args.transfer), shapes, data, str(path)

@@ -6,7 +6,9 @@ least disturbed by other programs on the machine, as in runtime/engine/calibrate
 - prefill: one engine step (forward and sampling) over a prompt of N tokens;
 - decode: one engine step of B running requests at context C;
 - transfer: hand-over of N bytes on each data plane (shm, zmq), fitted as fixed + per-byte;
-- front: the API server's preprocessing of a request (image decode, patchify, tokenize);
+- front: the API server process's CPU for one request of each shape, through a real `epd serve` and HTTP
+  (runtime/planner/front.py: body, JSON, image decode, patchify, tokenize, the router's hand-over), the
+  median of a few requests;
 - stream: the CPU one streamed token costs between the engine and the client (wire encode, zmq over
   TCP loopback, decode, the SSE chunk's JSON and the client's parse of it): a lower bound, since
   asyncio, HTTP framing and the client's event loop are left out.
@@ -29,7 +31,7 @@ import torch
 from runtime.engine.calibrate import best_ms
 
 log = logging.getLogger(__name__)
-VERSION = 2  # 2: LM stages measured at the table's thread count (v1 ran them at every core)
+VERSION = 3  # 2: LM stages measured at the table's thread count (v1 ran them at every core); 3: front via HTTP
 THREADS_KEY = "threads"
 PREFILL_TOKENS = (16, 64, 256, 512, 1024, 2048)
 DECODE_BATCHES = (1, 4, 16, 32, 64)
@@ -86,7 +88,7 @@ class Profiler:
     def __init__(self, model_dir: Path, data: dict[str, Any]) -> None:
         from runtime.engine.core import Engine
 
-        self.data = data
+        self.data, self.model_dir, self._front = data, model_dir, None
         self.engine = Engine(model_dir, enable_prefix_cache=False, overlap_encode=False)
         proc = self.engine.processor
         special = set(proc.tokenizer.all_special_ids) | {proc.image_token_id, proc.vision_start_id, proc.vision_end_id}
@@ -164,11 +166,25 @@ class Profiler:
         return min(times)
 
     def front(self, key: str, messages: list[dict], num_images: int = 0) -> float:
-        """The API server's preprocessing of one request of this shape (cached by `key`)."""
+        """The API server's CPU for one request of this shape (cached by `key`); without /proc (not Linux),
+        its preprocessing alone."""
+        from runtime.planner.front import FrontMeter, can_measure
+
         if key not in self.data["front_ms"]:
-            proc = self.engine.processor
-            self.data["front_ms"][key] = best_ms(lambda: proc.prepare(messages))
+            if not can_measure():
+                proc = self.engine.processor
+                self.data["front_ms"][key] = best_ms(lambda: proc.prepare(messages))
+            else:
+                if self._front is None:
+                    log.info("starting a colocated epd serve to time the API server per request")
+                    self._front = FrontMeter(self.model_dir)
+                self.data["front_ms"][key] = self._front.ms(messages)
         return self.data["front_ms"][key]
+
+    def close(self) -> None:
+        if self._front is not None:
+            self._front.close()
+            self._front = None
 
     def transfers(self) -> None:
         if "transfer" not in self.data:

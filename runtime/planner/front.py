@@ -1,0 +1,92 @@
+"""The API server's CPU per request, measured through a real `epd serve` and HTTP.
+
+`Processor.prepare` alone is well under half of what the API server process spends on a multi-image
+request: the HTTP body, JSON, pydantic, the router's pixel hand-over to shared memory and the reply add
+the rest. So the profile times the whole path: a colocated `epd serve` of the model is sent each request
+shape with `max_tokens` 1, and the server process's own CPU time (every thread; its instances are other
+processes) is read from /proc before and after. Its idle CPU (the router's poll loop) is subtracted.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from runtime.cluster.server_process import free_port, stop, wait_healthy
+
+log = logging.getLogger(__name__)
+REPEATS = 3
+IDLE_S = 1.0
+
+
+def cpu_ms(pid: int) -> float:
+    """CPU time of every thread of `pid` so far, in ms (from the scheduler's ns counters)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # a thread that ended while we read
+            pass
+    return total / 1e6
+
+
+def can_measure() -> bool:
+    return Path(f"/proc/{os.getpid()}/task").is_dir()
+
+
+class FrontMeter:
+    """One `epd serve MODEL --instances EPD` for the profile's lifetime; `ms(messages)` is the median server
+    CPU of REPEATS requests of those messages (after one warm-up request when the server starts)."""
+
+    def __init__(self, model_dir: Path, timeout_s: float = 300.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = Path(tempfile.mkstemp(prefix="epd-plan-front-", suffix=".log")[1])
+        cmd = [sys.executable, "-m", "runtime.cli", "serve", str(model_dir), "--instances", "EPD",
+               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        root = Path(__file__).resolve().parents[2]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH"))))}
+        with self._log.open("wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.client = httpx.Client(base_url=self.url, timeout=timeout_s)
+        self._warm = False
+        try:
+            wait_healthy(self.url, self.proc, timeout_s, self._log)
+            self.model = self.client.get("/v1/models").json()["data"][0]["id"]
+            self.idle_ms_per_s = self._idle_rate()
+        except BaseException:
+            self.close()
+            raise
+
+    def _idle_rate(self) -> float:
+        c0, t0 = cpu_ms(self.proc.pid), time.perf_counter()
+        time.sleep(IDLE_S)
+        return (cpu_ms(self.proc.pid) - c0) / (time.perf_counter() - t0)
+
+    def _once(self, messages: list[dict]) -> float:
+        body = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0}
+        c0, t0 = cpu_ms(self.proc.pid), time.perf_counter()
+        reply = self.client.post("/v1/chat/completions", json=body)
+        wall, cpu = time.perf_counter() - t0, cpu_ms(self.proc.pid) - c0
+        reply.raise_for_status()
+        return max(0.0, cpu - self.idle_ms_per_s * wall)
+
+    def ms(self, messages: list[dict]) -> float:
+        if not self._warm:
+            self._once(messages)
+            self._warm = True
+        runs = [self._once(messages) for _ in range(REPEATS)]
+        log.info("API server CPU per request: %s ms", ", ".join(f"{r:.1f}" for r in runs))
+        return statistics.median(runs)
+
+    def close(self) -> None:
+        self.client.close()
+        stop(self.proc)
+        self._log.unlink(missing_ok=True)
