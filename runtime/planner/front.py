@@ -1,10 +1,12 @@
-"""The API server's CPU per request, measured through a real `epd serve` and HTTP.
+"""The API server's CPU per request and per streamed token, measured through a real `epd serve` and HTTP.
 
 `Processor.prepare` alone is well under half of what the API server process spends on a multi-image
 request: the HTTP body, JSON, pydantic, the router's pixel hand-over to shared memory and the reply add
 the rest. So the profile times the whole path: a colocated `epd serve` of the model is sent each request
 shape with `max_tokens` 1, and the server process's own CPU time (every thread; its instances are other
 processes) is read from /proc before and after. Its idle CPU (the router's poll loop) is subtracted.
+Streaming is timed the same way, on a burst of concurrent streams (whose outputs the router batches, as
+under load), with the client's parsing (this process's CPU) counted too.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -24,6 +27,7 @@ from runtime.cluster.server_process import free_port, stop, wait_healthy
 log = logging.getLogger(__name__)
 REPEATS = 3
 IDLE_S = 1.0
+STREAMS, STREAM_TOKENS = 8, 32
 
 
 def cpu_ms(pid: int) -> float:
@@ -85,6 +89,31 @@ class FrontMeter:
         runs = [self._once(messages) for _ in range(REPEATS)]
         log.info("API server CPU per request: %s ms", ", ".join(f"{r:.1f}" for r in runs))
         return statistics.median(runs)
+
+    def _burst(self, tokens: int) -> float:
+        body = {"model": self.model, "messages": [{"role": "user", "content": "Tell me a story."}],
+                "max_tokens": tokens, "ignore_eos": True, "temperature": 0, "stream": True}
+
+        def stream(_: int) -> None:
+            with self.client.stream("POST", "/v1/chat/completions", json=body) as reply:
+                reply.raise_for_status()
+                for _line in reply.iter_lines():
+                    pass
+
+        c0, mine0, t0 = cpu_ms(self.proc.pid), time.process_time(), time.perf_counter()
+        with ThreadPoolExecutor(STREAMS) as pool:
+            list(pool.map(stream, range(STREAMS)))
+        wall, mine = time.perf_counter() - t0, (time.process_time() - mine0) * 1000.0
+        return cpu_ms(self.proc.pid) - c0 - self.idle_ms_per_s * wall + mine
+
+    def stream_ms_per_token(self) -> float:
+        """Server and client CPU per streamed token: bursts of STREAMS concurrent streams of STREAM_TOKENS
+        tokens, less the same bursts of one token (their requests' own cost); the median of REPEATS."""
+        self._burst(2)
+        runs = [(self._burst(STREAM_TOKENS) - self._burst(1)) / (STREAMS * (STREAM_TOKENS - 1))
+                for _ in range(REPEATS)]
+        log.info("API server and client CPU per streamed token: %s ms", ", ".join(f"{r:.3f}" for r in runs))
+        return max(0.0, statistics.median(runs))
 
     def close(self) -> None:
         self.client.close()

@@ -9,9 +9,8 @@ least disturbed by other programs on the machine, as in runtime/engine/calibrate
 - front: the API server process's CPU for one request of each shape, through a real `epd serve` and HTTP
   (runtime/planner/front.py: body, JSON, image decode, patchify, tokenize, the router's hand-over), the
   median of a few requests;
-- stream: the CPU one streamed token costs between the engine and the client (wire encode, zmq over
-  TCP loopback, decode, the SSE chunk's JSON and the client's parse of it): a lower bound, since
-  asyncio, HTTP framing and the client's event loop are left out.
+- stream: the CPU one streamed token costs the API server and the client, through the same server (without
+  /proc: a microbenchmark of wire encode, zmq, the SSE chunk's JSON and its parse, a lower bound).
 Measurements the cache lacks (a new image size, say) are taken and added when first needed.
 """
 from __future__ import annotations
@@ -29,9 +28,10 @@ import numpy as np
 import torch
 
 from runtime.engine.calibrate import best_ms
+from runtime.planner.front import FrontMeter, can_measure
 
 log = logging.getLogger(__name__)
-VERSION = 3  # 2: LM stages measured at the table's thread count (v1 ran them at every core); 3: front via HTTP
+VERSION = 3  # 2: LM stages at the table's thread count (v1 ran them at every core); 3: front and stream via HTTP
 THREADS_KEY = "threads"
 PREFILL_TOKENS = (16, 64, 256, 512, 1024, 2048)
 DECODE_BATCHES = (1, 4, 16, 32, 64)
@@ -168,18 +168,19 @@ class Profiler:
     def front(self, key: str, messages: list[dict], num_images: int = 0) -> float:
         """The API server's CPU for one request of this shape (cached by `key`); without /proc (not Linux),
         its preprocessing alone."""
-        from runtime.planner.front import FrontMeter, can_measure
-
         if key not in self.data["front_ms"]:
-            if not can_measure():
+            if can_measure():
+                self.data["front_ms"][key] = self.meter().ms(messages)
+            else:
                 proc = self.engine.processor
                 self.data["front_ms"][key] = best_ms(lambda: proc.prepare(messages))
-            else:
-                if self._front is None:
-                    log.info("starting a colocated epd serve to time the API server per request")
-                    self._front = FrontMeter(self.model_dir)
-                self.data["front_ms"][key] = self._front.ms(messages)
         return self.data["front_ms"][key]
+
+    def meter(self) -> FrontMeter:
+        if self._front is None:
+            log.info("starting a colocated epd serve to time the API server")
+            self._front = FrontMeter(self.model_dir)
+        return self._front
 
     def close(self) -> None:
         if self._front is not None:
@@ -190,7 +191,8 @@ class Profiler:
         if "transfer" not in self.data:
             self.data["transfer"] = {name: fit_transfer(name) for name in ("shm", "zmq")}
         if "stream_ms_per_token" not in self.data:
-            self.data["stream_ms_per_token"] = stream_ms_per_token()
+            self.data["stream_ms_per_token"] = self.meter().stream_ms_per_token() if can_measure() \
+                else stream_ms_per_token()
 
 
 def stream_ms_per_token(tokens: int = 200) -> float:
