@@ -45,5 +45,6 @@ def test_serve_flags_set_the_budgets_or_a_tpot_target(tiny_model_dir):
     fixed = engine("--max-num-seqs", "7", "--max-num-batched-tokens", "96", "--encode-token-budget", "512")
     assert (fixed.scheduler.max_running, fixed.scheduler.prefill_budget, fixed.scheduler.encode_budget) == (7, 96, 512)
     assert fixed.config.mixed_batches and not engine("--no-mixed-batches").config.mixed_batches
+    assert fixed.config.enable_prefix_cache and not engine("--no-prefix-cache").config.enable_prefix_cache
     tight = engine("--tpot-target-ms", "0.001")
     assert tight.scheduler.max_running == DECODE_BATCHES[0] and tight.scheduler.prefill_budget == PREFILL_TOKENS[0]

@@ -13,7 +13,8 @@ from runtime.tiny_model import resolve_model
 
 def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p = subparsers.add_parser("serve", help="serve a model over HTTP (OpenAI and SGLang APIs)")
-    p.add_argument("model", help="model directory, or 'tiny' / 'tiny-llava' for a cached tiny random checkpoint")
+    p.add_argument("model", help="model directory; 'tiny' / 'tiny-llava' (cached random-weight checkpoints) or "
+                                   "'shapes' (the trained embedded model)")
     p.add_argument("--instances", default="EPD",
                    help="topology: EPD, E,PD, EP,D, ED,P, E,P,D, 2E,P,D, ... or a YAML file")
     p.add_argument("--transfer", choices=("shm", "zmq"), default="shm",
@@ -51,6 +52,7 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--encode-token-budget", type=int, default=None, help="image tokens per encode batch")
     p.add_argument("--tpot-target-ms", type=float, default=None,
                    help="calibrate the three budgets above at start-up so that a step stays under this TPOT")
+    p.add_argument("--no-prefix-cache", action="store_true", help="no radix prefix cache (prompts prefilled whole)")
     p.add_argument("--no-mixed-batches", action="store_true",
                    help="decode and prefill in separate forward passes (default: decode rows ride in the prefill's)")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads in all (split over the instances)")
@@ -80,6 +82,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                  "max_running": args.max_num_seqs, "prefill_token_budget": args.max_num_batched_tokens,
                  "encode_token_budget": args.encode_token_budget, "tpot_target_ms": args.tpot_target_ms,
                  "mixed_batches": False if args.no_mixed_batches else None,
+                 "enable_prefix_cache": False if args.no_prefix_cache else None,
                  "json_whitespace_flexible": args.json_whitespace_flexible or None,
                  "role_switching": args.role_switching or None}
     limits = Limits(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
