@@ -59,7 +59,7 @@ def table(label: str, result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--launch", action="append", default=None, help="topology to start (repeatable; default EPD)")
-    ap.add_argument("--model", default=None, help="checkpoint dir to serve (e.g. one `runtime.shapes.train` wrote)")
+    ap.add_argument("--model", default=None, help="checkpoint dir to serve (default: the shipped 'shapes' model)")
     ap.add_argument("--launch-args", default="--log-level warning")
     ap.add_argument("--base-url", default=None, help="use a running server instead of launching one")
     ap.add_argument("--per-kind", type=int, default=100)
@@ -72,7 +72,7 @@ def main() -> None:
     if args.base_url:
         results[args.base_url] = run(args.base_url, pairs, args.concurrency)
     for spec in args.launch or ([] if args.base_url else ["EPD"]):
-        with launched(spec, args.model or "tiny", args.launch_args.split(), Path("results/logs")) as url:
+        with launched(spec, args.model or "shapes", args.launch_args.split(), Path("results/logs")) as url:
             results[spec] = run(url, pairs, args.concurrency)
     first = next(iter(results.values()))["answers"]
     for label, result in results.items():

@@ -12,7 +12,8 @@ import epdlang as epd  # noqa: E402
 
 def backend_from_args(description: str) -> epd.Backend:
     """`--url URL` talks to a server: an epdlang server (`epd serve`) through `epd.RuntimeEndpoint`, any other
-    OpenAI-compatible one through the degraded `epd.OpenAI`. Default: the embedded tiny model."""
+    OpenAI-compatible one through the degraded `epd.OpenAI`. Default: the embedded trained shapes model
+    (docs/shapes_model.md); `--model DIR` another checkpoint."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--url", help="server URL, e.g. http://127.0.0.1:30000 for epd serve (a trailing /v1 is "
                                       "fine), or another server's OpenAI base URL such as http://host:8000/v1")
@@ -31,6 +32,18 @@ def server_backend(url: str, model: str | None = None, api_key: str | None = Non
     if probe(root, api_key) is not None:
         return epd.RuntimeEndpoint(root, api_key=api_key)
     return epd.OpenAI(url, model=model or "default", api_key=api_key)
+
+
+def scene_image(*shapes: tuple[str, str], background: str = "white", size: tuple[int, int] = (336, 224)):
+    """A picture the shapes model was trained on: (color, shape) pairs, evenly spaced left to right."""
+    from runtime.shapes.scene import Scene, Shape
+
+    w, h = size
+    side = min(w, h) // 4  # the sizes training draws for several shapes
+    step = w // len(shapes)
+    placed = tuple(Shape(kind, color, i * step + (step - side) // 2, (h - side) // 2, side)
+                   for i, (color, kind) in enumerate(shapes))
+    return Scene(w, h, background, placed).image()
 
 
 def demo_image(color: str, label: str = "", size: tuple[int, int] = (112, 112)):

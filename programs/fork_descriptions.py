@@ -1,25 +1,27 @@
-"""Fork/join: one image, several descriptions written in parallel from one shared prefix."""
-from _cli import backend_from_args, demo_image, epd
+"""Fork/join: one image, several questions answered in parallel from one shared prefix, then a follow-up."""
+from _cli import backend_from_args, epd, scene_image
 
-ASPECTS = ["colors", "shapes", "mood"]
+QUESTIONS = ["How many shapes are there?", "What shape is red?", "Is there a square?"]
 
 
 @epd.function
-def describe(s, image):
-    s += epd.system("You describe images precisely.")
-    s += epd.user(epd.image(image) + "Look at this image.")
-    forks = s.fork(len(ASPECTS))
-    for f, aspect in zip(forks, ASPECTS):
-        f += epd.user(f"Describe its {aspect} in one sentence.")
-        f += epd.assistant(epd.gen("description", max_tokens=16))
+def ask_all(s, image):
+    s += epd.user(epd.image(image) + "Describe the image.")
+    s += epd.assistant(epd.gen("description", max_tokens=32))
+    forks = s.fork(len(QUESTIONS))
+    for f, question in zip(forks, QUESTIONS):
+        f += epd.user(question)
+        f += epd.assistant(epd.gen("answer", max_tokens=8))
     forks.join()
-    s += epd.user("Summarise: " + " / ".join(s["description"]))
-    s += epd.assistant(epd.gen("summary", max_tokens=16))
+    s += epd.user("What color is the triangle?")
+    s += epd.assistant(epd.select("triangle", choices=["red", "green", "blue", "yellow"]))
 
 
 def main(backend: epd.Backend) -> dict:
-    state = describe.run(image=demo_image("purple"), backend=backend)
-    return {"descriptions": dict(zip(ASPECTS, state["description"])), "summary": state["summary"]}
+    picture = scene_image(("blue", "triangle"), ("red", "circle"), ("yellow", "square"))
+    state = ask_all.run(image=picture, backend=backend)
+    return {"description": state["description"], "answers": dict(zip(QUESTIONS, state["answer"])),
+            "triangle": state["triangle"]}
 
 
 if __name__ == "__main__":

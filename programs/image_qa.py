@@ -1,5 +1,5 @@
 """Image question answering: one image, one question, one answer."""
-from _cli import backend_from_args, demo_image, epd
+from _cli import backend_from_args, epd, scene_image
 
 
 @epd.function
@@ -9,7 +9,8 @@ def image_qa(s, image, question):
 
 
 def main(backend: epd.Backend) -> dict:
-    state = image_qa.run(image=demo_image("red"), question="What is in this picture?", backend=backend)
+    picture = scene_image(("green", "triangle"), ("yellow", "circle"), background="black")
+    state = image_qa.run(image=picture, question="What color is the circle?", backend=backend)
     return {"answer": state["answer"], "meta": state.get_meta_info("answer")}
 
 

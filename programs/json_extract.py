@@ -1,28 +1,29 @@
-"""JSON extraction under a schema: structured fields from an image."""
+"""JSON extraction under a schema: the shapes in an image, left to right, as a JSON object."""
 import json
 
-from _cli import backend_from_args, demo_image, epd
+from _cli import backend_from_args, epd, scene_image
 
 SCHEMA = {
     "type": "object",
-    "properties": {
-        "color": {"type": "string", "enum": ["red", "green", "blue", "other"]},
-        "objects": {"type": "integer", "minimum": 0, "maximum": 9},
-    },
-    "required": ["color", "objects"],
+    "properties": {"shapes": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+        "type": "object",
+        "properties": {"shape": {"enum": ["circle", "square", "triangle"]},
+                       "color": {"enum": ["red", "green", "blue", "yellow"]}},
+        "required": ["shape", "color"], "additionalProperties": False}}},
+    "required": ["shapes"],
     "additionalProperties": False,
-    "x-guidance": {"whitespace_flexible": False},  # keeps a random tiny model from rambling in spaces
+    "x-guidance": {"whitespace_flexible": False},  # the compact form the model was trained to write
 }
 
 
 @epd.function
 def extract(s, image):
-    s += epd.user(epd.image(image) + "Extract the main color and the number of objects as JSON.")
-    s += epd.assistant(epd.gen("record", json_schema=SCHEMA, max_tokens=48))
+    s += epd.user(epd.image(image) + "List the shapes as JSON.")
+    s += epd.assistant(epd.gen("record", json_schema=SCHEMA, max_tokens=64))
 
 
 def main(backend: epd.Backend) -> dict:
-    state = extract.run(image=demo_image("green"), backend=backend)
+    state = extract.run(image=scene_image(("red", "square"), ("green", "circle")), backend=backend)
     return json.loads(state["record"])
 
 

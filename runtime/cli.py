@@ -14,8 +14,11 @@ Registrar = Callable[["argparse._SubParsersAction"], None]
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from runtime.tiny_model import build_tiny_model
+    from runtime.tiny_model import build_tiny_model, copy_trained_model
 
+    if args.trained:
+        print(f"wrote the trained shapes Qwen2-VL checkpoint to {copy_trained_model(args.dir)}")
+        return 0
     arch = "llava" if args.arch == "llava" else "qwen2_vl"
     out = build_tiny_model(args.dir, size=args.size, seed=args.seed, arch=arch)
     print(f"wrote {args.size} {'LLaVA-1.5' if arch == 'llava' else 'Qwen2-VL'} checkpoint (seed {args.seed}) to {out}")
@@ -25,12 +28,15 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 def _register_make_tiny_model(subparsers: "argparse._SubParsersAction") -> None:
     from runtime.tiny_model import SIZES
 
-    p = subparsers.add_parser("make-tiny-model", help="build a random-weight Qwen2-VL or LLaVA checkpoint offline")
+    p = subparsers.add_parser("make-tiny-model",
+                              help="write a random-weight Qwen2-VL or LLaVA checkpoint (or the trained shapes model)")
     p.add_argument("dir", help="output directory")
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--arch", choices=("qwen2_vl", "llava"), default="qwen2_vl",
                    help="qwen2_vl (default) or llava (LLaVA-1.5: CLIP tower, projector, Llama LM)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trained", action="store_true",
+                   help="the shipped shapes model instead (trained weights; --size, --arch and --seed do not apply)")
     p.set_defaults(handler=_make_tiny_model)
 
 

@@ -329,10 +329,24 @@ def ensure_tiny_model(size: str = "tiny", seed: int = 0, arch: str = "qwen2_vl")
 
 
 TINY_ALIASES = {"tiny": "qwen2_vl", "tiny-llava": "llava"}  # the cached embedded checkpoints
+# The trained shapes model (runtime/shapes/train.py; docs/shapes_model.md), shipped in fp16.
+SHAPES_CHECKPOINT = Path(__file__).resolve().parent / "shapes" / "checkpoint"
+SHAPES_ALIAS = "shapes"
+
+
+def copy_trained_model(out_dir: str | os.PathLike) -> Path:
+    """A copy of the shipped shapes checkpoint in `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in SHAPES_CHECKPOINT.iterdir():
+        shutil.copyfile(f, out / f.name)
+    return out
 
 
 def resolve_model(name: str) -> str:
     """A model alias to its checkpoint directory (built and cached on first use); other names pass through."""
     if name in TINY_ALIASES:
         return str(ensure_tiny_model("tiny", arch=TINY_ALIASES[name]))
+    if name == SHAPES_ALIAS:
+        return str(SHAPES_CHECKPOINT)
     return name

@@ -85,6 +85,12 @@ def test_plan_profiles_once_simulates_and_writes_the_json(tmp_path, capsys, smal
     args = build_parser().parse_args(["serve", "tiny", "--instances", "E,P,D", "--role-switching",
                                       "--slo-tpot-ms", "40"])
     assert _move_chooser(config_from_args(args)).planner.slo == Slo(ttft_ms=3000.0, tpot_ms=40.0)
+    # and `epd.Runtime(role_switching=True)` gets the same model
+    from epdlang.backends.runtime import _move_chooser as runtime_chooser
+
+    chooser = runtime_chooser(model, "E,P,D", Slo(ttft_ms=500.0), {"role_switching": True})
+    assert isinstance(chooser, PlannedMoves) and chooser.planner.slo == Slo(ttft_ms=500.0)
+    assert runtime_chooser(model, "E,P,D", None, {}) is None
 
 
 def test_plan_for_gpus_reads_a_device_profile(tmp_path, capsys):

@@ -20,25 +20,30 @@ MAX_CACHED_IMAGES = 256
 
 
 class Runtime(Backend):
-    """Starts a local runtime for `model` (default: the embedded tiny Qwen2-VL checkpoint; any served family).
+    """Starts a local runtime for `model` (default: the embedded trained shapes Qwen2-VL, docs/shapes_model.md;
+    any served family).
 
     `instances` is a topology spec (`EPD`, `E,PD`, `E,P,D`, `2E,P,D`, ... or a YAML file): every instance
     is its own process behind the router, exactly as `epd serve` runs them. Engine config overrides
     (page_size, kv_cache_bytes, ...) pass through. With `ray` (`"local"`, `"auto"`, `HOST:PORT`) the instances
-    are placed on a Ray cluster instead, as `epd serve --ray` does. Close it, or use it as a context manager.
+    are placed on a Ray cluster instead, as `epd serve --ray` does. With `role_switching=True`, moves follow the
+    planner's model for `slo` (a `runtime.config.Slo`; default 3000/100 ms) once `epd plan` has profiled the
+    model here, as under `epd serve --role-switching`. Close it, or use it as a context manager.
     """
 
     encode_ahead_supported = prefix_sharing_supported = scoring_supported = True
 
     def __init__(self, model: str | Path | None = None, instances: str = "EPD", ray: str | None = None,
-                 **engine_overrides: Any) -> None:
+                 slo: Any = None, **engine_overrides: Any) -> None:
         from runtime.cluster.deployment import Deployment
 
         if model is None:
-            from runtime.tiny_model import ensure_tiny_model
+            from runtime.tiny_model import SHAPES_CHECKPOINT
 
-            model = ensure_tiny_model()
-        self.deployment = Deployment(model, instances, ray=ray, **engine_overrides)
+            model = SHAPES_CHECKPOINT
+        self.deployment = Deployment(model, instances, ray=ray, move_chooser=_move_chooser(model, instances, slo,
+                                                                                          engine_overrides),
+                                     **engine_overrides)
         self.processor = self.deployment.processor
         self.chat_template = template_for(self.processor.model_type)
         self._images: OrderedDict[str, Any] = OrderedDict()
@@ -148,3 +153,14 @@ def _meta(out: Any) -> dict[str, Any]:
     return {"id": out.rid, "finish_reason": out.finish_reason, "matched_stop": out.matched_stop,
             "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
             "cached_tokens": out.cached_tokens}
+
+
+def _move_chooser(model: str | Path, instances: str, slo: Any, overrides: dict[str, Any]) -> Any:
+    """Under `role_switching`, the planner's model (as `epd serve --role-switching` uses it) when `epd plan` has
+    profiled this model here; else None, and the router follows its queue rule."""
+    if not overrides.get("role_switching"):
+        return None
+    from runtime.cluster.topology import parse_topology
+    from runtime.planner.switching import planned_moves
+
+    return planned_moves(Path(model), parse_topology(instances), slo, **overrides)
