@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.serving.cli import run_system
-from benchmarks.serving.launch import REPO_ROOT, launched
+from benchmarks.serving.launch import launched
 from benchmarks.serving.metrics import goodput, summarize
+from runtime.cluster.server_process import REPO_ROOT
 from runtime.cluster.topology import parse_topology
 
 AROUND = (0.5, 0.75, 1.0, 1.25, 1.5)  # x predicted goodput, when no rates are given

@@ -27,10 +27,11 @@ from benchmarks.serving import report, topology_report
 from benchmarks.serving.arrivals import arrival_times
 from benchmarks.serving.cli import resolve_model
 from benchmarks.serving.client import RunOutput, Target, run_benchmark
-from benchmarks.serving.launch import REPO_ROOT, launched
+from benchmarks.serving.launch import launched
 from benchmarks.serving.metrics import RequestResult, summarize
 from benchmarks.serving.role_workloads import WORKLOADS, build_role_workload
 from benchmarks.serving.workloads import BenchRequest
+from runtime.cluster.server_process import REPO_ROOT
 
 TOPOLOGIES = ("EPD", "E,PD", "EP,D", "ED,P", "E,P,D", "2E,P,D")
 COLOCATED = "EPD"

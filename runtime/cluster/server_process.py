@@ -1,13 +1,31 @@
-"""Running `epd serve` as a child process: free port, readiness wait, graceful stop."""
+"""Running `epd serve` as a child process: the command, free port, readiness wait, graceful stop."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def serve_command(model: str, spec: str, port: int, extra: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "runtime.cli", "serve", model, "--instances", spec,
+            "--host", "127.0.0.1", "--port", str(port), *extra]
+
+
+def spawn_server(model: str, spec: str, port: int, extra: Sequence[str], log: Path) -> subprocess.Popen:
+    """`epd serve MODEL --instances SPEC` on 127.0.0.1:`port`, output to `log`, importable from this checkout."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))}
+    with log.open("wb") as out:
+        return subprocess.Popen(serve_command(model, spec, port, extra), stdout=out, stderr=subprocess.STDOUT,
+                                env=env, cwd=REPO_ROOT)
 
 
 def free_port() -> int:

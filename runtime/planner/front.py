@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from runtime.cluster.server_process import free_port, stop, wait_healthy
+from runtime.cluster.server_process import free_port, spawn_server, stop, wait_healthy
 
 log = logging.getLogger(__name__)
 REPEATS = 3
@@ -53,12 +51,8 @@ class FrontMeter:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = Path(tempfile.mkstemp(prefix="epd-plan-front-", suffix=".log")[1])
-        cmd = [sys.executable, "-m", "runtime.cli", "serve", str(model_dir), "--instances", "EPD",
-               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
-        root = Path(__file__).resolve().parents[2]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH"))))}
-        with self._log.open("wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        model = str(Path(model_dir).resolve())  # the server runs from the repository root
+        self.proc = spawn_server(model, "EPD", self.port, ["--log-level", "warning"], self._log)
         self.client = httpx.Client(base_url=self.url, timeout=timeout_s)
         self._warm = False
         try:
