@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.planner_gpu_table [--gpus 8,16,32,64] [--per-gpu 150]
 
-Each cell is one `epd plan tiny --dataset W --gpus N --device-profile h100-qwen2-vl-7b` (simulated; the
+Each cell is one `epd plan tiny-random --dataset W --gpus N --device-profile h100-qwen2-vl-7b` (simulated; the
 tiny model's processor gives Qwen2-VL's image-token counts). Requests per run grow with the cluster
 (`--per-gpu` x N) so that every size reaches a steady state. Prints a markdown table; writes JSON.
 """
@@ -28,7 +28,7 @@ OUT = Path(__file__).resolve().parents[1] / "results" / "planner" / "gpu-table.j
 
 def plan_args(dataset: str, gpus: int, n: int, args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(
-        model="tiny", dataset=dataset, num_prompts=n, image_size=224, input_len=16, output_len=None, seed=0,
+        model="tiny-random", dataset=dataset, num_prompts=n, image_size=224, input_len=16, output_len=None, seed=0,
         request_rate=None, burstiness=1.0, max_concurrency=None, sweep_rates=None, slo_ttft_ms=args.slo_ttft_ms,
         slo_tpot_ms=args.slo_tpot_ms, cores=None, max_instances=None, threads_per_instance=None, gpus=gpus,
         device_profile=args.device_profile, gpu_unit=None, simulate_top=args.simulate_top, transfer="shm",
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--simulate-top", type=int, default=8)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
-    model = resolve_model("tiny")
+    model = resolve_model("tiny-random")
     rows = []
     for dataset in args.workloads.split(","):
         base = bench_requests(plan_args(dataset, 0, BASE, args))

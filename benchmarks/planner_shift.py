@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
-    model = resolve_model("tiny")  # its processor gives Qwen2-VL's image-token counts
+    model = resolve_model("tiny-random")  # its processor gives Qwen2-VL's image-token counts
     half = args.num_prompts // 2
     enc, dec = shapes("encode-heavy", half, model), shapes("decode-heavy", args.num_prompts - half, model)
     if args.second_output_len:

@@ -204,7 +204,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a ~2 minute smoke run (few requests per cell)")
-    p.add_argument("--model", default="tiny", help="`epd serve` model: a directory, or 'tiny'")
+    p.add_argument("--model", default="tiny-random", help="`epd serve` model: a directory, or 'tiny-random'")
     p.add_argument("--topologies", default=";".join(TOPOLOGIES),
                    type=lambda s: [t.strip() for t in s.split(";") if t.strip()],
                    help="';'-separated specs (commas belong to a spec)")
@@ -239,7 +239,7 @@ def finish(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Nam
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so that launched servers stop
-    if args.model == "tiny":
+    if args.model == "tiny-random":
         from runtime.tiny_model import ensure_tiny_model
 
         print(f"model: {ensure_tiny_model('tiny')}")

@@ -45,7 +45,7 @@ def _ask(base: str) -> None:
 def main() -> None:
     port = int(os.environ.get("EPD_PORT") or free_port())
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "shapes", "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "tiny", "--host", "127.0.0.1",
                              "--port", str(port)])
     try:
         try:
@@ -55,8 +55,8 @@ def main() -> None:
         _ask(base)
         if os.environ.get("EPD_DEMO_ONCE"):
             return
-        print(f"serving the shapes model at {base}/v1 (OpenAI) and {base}/generate (SGLang); Ctrl-C stops",
-              flush=True)
+        print(f"serving tiny (the trained shapes model) at {base}/v1 (OpenAI) and {base}/generate (SGLang); "
+              "Ctrl-C stops", flush=True)
         proc.wait()
     except KeyboardInterrupt:
         pass

@@ -328,10 +328,11 @@ def ensure_tiny_model(size: str = "tiny", seed: int = 0, arch: str = "qwen2_vl")
     return final
 
 
-TINY_ALIASES = {"tiny": "qwen2_vl", "tiny-llava": "llava"}  # the cached embedded checkpoints
-# The trained shapes model (runtime/shapes/train.py; docs/shapes_model.md), shipped in fp16.
+# The random-weight embedded checkpoints (built and cached on first use): token parity, performance, planner.
+TINY_ALIASES = {"tiny-random": "qwen2_vl", "tiny-llava": "llava"}
+# The trained shapes model (runtime/shapes/train.py; docs/shapes_model.md), shipped in fp16: the default.
 SHAPES_CHECKPOINT = Path(__file__).resolve().parent / "shapes" / "checkpoint"
-SHAPES_ALIAS = "shapes"
+SHAPES_ALIASES = ("tiny", "shapes")
 
 
 def copy_trained_model(out_dir: str | os.PathLike) -> Path:
@@ -347,6 +348,6 @@ def resolve_model(name: str) -> str:
     """A model alias to its checkpoint directory (built and cached on first use); other names pass through."""
     if name in TINY_ALIASES:
         return str(ensure_tiny_model("tiny", arch=TINY_ALIASES[name]))
-    if name == SHAPES_ALIAS:
+    if name in SHAPES_ALIASES:
         return str(SHAPES_CHECKPOINT)
     return name

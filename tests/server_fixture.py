@@ -24,7 +24,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
     media.mkdir()
     outside.mkdir()
     port = free_port()
-    args = [sys.executable, "-m", "runtime.cli", "serve", "tiny", "--port", str(port), "--api-key", API_KEY,
+    args = [sys.executable, "-m", "runtime.cli", "serve", "tiny-random", "--port", str(port), "--api-key", API_KEY,
             "--allowed-local-media-path", str(media), "--allow-private-media-urls", "--kv-cache-mb", "64",
             "--max-model-len", "4096",
             "--num-threads", "1", "--log-level", "warning", *[x for kv in LIMITS.items() for x in kv]]

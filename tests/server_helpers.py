@@ -20,7 +20,7 @@ class Server:
     api_key: str
     media_dir: Path
     outside_dir: Path
-    model: str = "tiny"
+    model: str = "tiny-random"
 
     @property
     def headers(self) -> dict[str, str]:

@@ -26,7 +26,7 @@ GENERATED = 300
 
 @pytest.mark.timeout(600)  # ~60 s alone on 2 cores; generous for a busy machine, still bounded
 def test_fuzz_finds_no_server_error(tmp_path):
-    with launched("E,P,D", "tiny", fuzz.SERVE_ARGS, tmp_path) as url:
+    with launched("E,P,D", "tiny-random", fuzz.SERVE_ARGS, tmp_path) as url:
         report = fuzz.fuzz(url, 0, seed=0, generated=GENERATED, request_timeout_s=30, time_limit_s=480)
     assert report["server_errors"] == [] and report["crashes"] == [] and report["bad_error_bodies"] == []
     assert report["healthy_after"] and report["ok"] and report["stopped_early"] is None
@@ -36,7 +36,7 @@ def test_fuzz_finds_no_server_error(tmp_path):
 
 
 def schema() -> dict:
-    return create_app(ServerConfig(model_path="tiny", served_model_name="tiny")).openapi()
+    return create_app(ServerConfig(model_path="tiny-random", served_model_name="tiny-random")).openapi()
 
 
 def test_schema_describes_every_post_body():

@@ -46,8 +46,8 @@ def small_grid(monkeypatch):
 
 def test_plan_profiles_once_simulates_and_writes_the_json(tmp_path, capsys, small_grid, monkeypatch):
     prof, out = tmp_path / "profile.json", tmp_path / "plan.json"
-    argv = ["plan", "tiny", *SMALL_WORKLOAD, "--cores", "2", "--threads-per-instance", "1", "--slo-ttft-ms", "150",
-            "--candidates", "EPD;E,PD;E,P,D", "--profile", str(prof), "--json", str(out)]
+    argv = ["plan", "tiny-random", *SMALL_WORKLOAD, "--cores", "2", "--threads-per-instance", "1",
+            "--slo-ttft-ms", "150", "--candidates", "EPD;E,PD;E,P,D", "--profile", str(prof), "--json", str(out)]
     assert main(argv) == 0
     first = capsys.readouterr().out
     assert "measured now" in first and "recommended:" in first
@@ -67,7 +67,7 @@ def test_plan_profiles_once_simulates_and_writes_the_json(tmp_path, capsys, smal
     assert "from the cache" in capsys.readouterr().out
 
     # `epd serve --role-switching` finds this profile in the cache and asks the planner's model for moves
-    model = resolve_model("tiny")
+    model = resolve_model("tiny-random")
     monkeypatch.setattr(profile, "cache_path", lambda *_: prof)
     chooser = planned_moves(model, parse_topology("E,P,D,D", 2))
     assert isinstance(chooser, PlannedMoves) and chooser.planner.resources.cores == 2
@@ -82,7 +82,7 @@ def test_plan_profiles_once_simulates_and_writes_the_json(tmp_path, capsys, smal
     from runtime.server.app import _move_chooser
     from runtime.server.cli import config_from_args
 
-    args = build_parser().parse_args(["serve", "tiny", "--instances", "E,P,D", "--role-switching",
+    args = build_parser().parse_args(["serve", "tiny-random", "--instances", "E,P,D", "--role-switching",
                                       "--slo-tpot-ms", "40"])
     assert _move_chooser(config_from_args(args)).planner.slo == Slo(ttft_ms=3000.0, tpot_ms=40.0)
     # and `epd.Runtime(role_switching=True)` gets the same model
@@ -95,8 +95,8 @@ def test_plan_profiles_once_simulates_and_writes_the_json(tmp_path, capsys, smal
 
 def test_plan_for_gpus_reads_a_device_profile(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    argv = ["plan", "tiny", "--dataset", "fixed", "--image-size", "448", "--output-len", "32", "--num-prompts", "300",
-            "--gpus", "8",
+    argv = ["plan", "tiny-random", "--dataset", "fixed", "--image-size", "448", "--output-len", "32",
+            "--num-prompts", "300", "--gpus", "8",
             "--device-profile", "h100-qwen2-vl-7b", "--slo-ttft-ms", "100", "--slo-tpot-ms", "50",
             "--candidates", "8EPD;2E,6PD;4EP,4D", "--json", str(out)]
     assert main(argv) == 0
@@ -111,7 +111,7 @@ def test_front_cost_is_the_api_servers_cpu_through_http():
     """The profile's API-server cost of a request is what a real `epd serve` process spends on it over HTTP:
     more than its preprocessing alone, more with four images than with text only; a streamed token costs
     more than the wire-and-JSON microbenchmark; the server is stopped."""
-    model = resolve_model("tiny")
+    model = resolve_model("tiny-random")
     images = [{"type": "image_url", "image_url": {"url": image_data_url(448, 448, seed)}} for seed in range(4)]
     with_images = [{"role": "user", "content": [*images, {"type": "text", "text": "What is in these pictures?"}]}]
     text = [{"role": "user", "content": "Say something."}]
@@ -128,7 +128,7 @@ def test_front_cost_is_the_api_servers_cpu_through_http():
 
 def test_plan_refuses_gpus_without_a_device_profile():
     with pytest.raises(SystemExit, match="device-profile"):
-        main(["plan", "tiny", "--gpus", "8"])
+        main(["plan", "tiny-random", "--gpus", "8"])
 
 
 def test_arrivals_are_those_epd_bench_draws():

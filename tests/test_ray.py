@@ -199,7 +199,7 @@ def test_epd_serve_joins_an_existing_cluster(cluster, tmp_path):
     c, _ = cluster
     daemons, port, log = ray_daemons(), free_port(), tmp_path / "server.log"
     spec = topology(tmp_path, ("E", "a"), ("P", "b"), ("D", "b"))
-    args = [sys.executable, "-m", "runtime.cli", "serve", "tiny", "--instances", spec, "--ray", c.address,
+    args = [sys.executable, "-m", "runtime.cli", "serve", "tiny-random", "--instances", spec, "--ray", c.address,
             "--port", str(port), "--kv-cache-mb", "32", "--log-level", "warning"]
     with log.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
@@ -208,7 +208,7 @@ def test_epd_serve_joins_an_existing_cluster(cluster, tmp_path):
         wait_healthy(url, proc, 180.0, log)
         content = [{"type": "image_url", "image_url": {"url": data_url()}}, {"type": "text", "text": "What?"}]
         reply = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60).chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0)
+            model="tiny-random", messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0)
         assert reply.usage.completion_tokens >= 1
         info = httpx.get(f"{url}/get_server_info", timeout=30).json()["engine"]
         assert info["ray"]["address"] == c.address

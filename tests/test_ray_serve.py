@@ -42,7 +42,7 @@ def test_epd_serve_ray_local(tmp_path):
 
     before, port = ray_processes(), free_port()
     log = tmp_path / "server.log"
-    args = [sys.executable, "-m", "runtime.cli", "serve", "tiny", "--instances", "E,P,D", "--ray", "local",
+    args = [sys.executable, "-m", "runtime.cli", "serve", "tiny-random", "--instances", "E,P,D", "--ray", "local",
             "--port", str(port), "--num-threads", "3", "--kv-cache-mb", "32", "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with log.open("wb") as out:
@@ -52,10 +52,10 @@ def test_epd_serve_ray_local(tmp_path):
         wait_healthy(url, proc, 180.0, log)
         client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60)
         content = [{"type": "image_url", "image_url": {"url": data_url()}}, {"type": "text", "text": "What is it?"}]
-        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+        reply = client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": content}],
                                                max_tokens=8, temperature=0)
         assert reply.choices[0].message.content and reply.usage.completion_tokens == 8
-        streamed = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+        streamed = client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": content}],
                                                   max_tokens=8, temperature=0, stream=True)
         text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
         assert text == reply.choices[0].message.content  # greedy, and the image now cached on P

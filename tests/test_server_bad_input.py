@@ -21,7 +21,7 @@ USER = [{"role": "user", "content": "hi"}]
 
 
 def chat_body(**kw) -> dict:
-    return {"model": "tiny", "messages": USER, "max_tokens": 4} | kw
+    return {"model": "tiny-random", "messages": USER, "max_tokens": 4} | kw
 
 
 def img_msg(*urls: str) -> list[dict]:
@@ -53,11 +53,11 @@ def malformed_cases() -> list[tuple[str, bytes | dict]]:
     cases += [(CHAT, chat_body(messages=img_msg(u))) for u in image_cases()]
     cases += [(CHAT, chat_body(messages=img_msg(*[data_url()] * 5)))]
     cases += [(CHAT, chat_body(messages=[{"role": "user", "content": "word " * 3000}]))]
-    cases += [(COMP, b) for b in ({"model": "tiny", "prompt": []}, {"model": "tiny", "prompt": [-1]},
-                                  {"model": "tiny", "prompt": [[1], ["a"]]}, {"model": "tiny", "prompt": 5},
-                                  {"model": "tiny", "prompt": "x", "echo": True}, {"prompt": "x"},
-                                  {"model": "tiny", "prompt": [10**9]},
-                                  {"model": "tiny", "prompt": "x", "logprobs": 99})]
+    m = {"model": "tiny-random"}
+    cases += [(COMP, m | b) for b in ({"prompt": []}, {"prompt": [-1]}, {"prompt": [[1], ["a"]]}, {"prompt": 5},
+                                      {"prompt": "x", "echo": True}, {"prompt": [10**9]},
+                                      {"prompt": "x", "logprobs": 99})]
+    cases += [(COMP, {"prompt": "x"})]
     cases += [(GEN, b) for b in sglang_cases()]
     return cases
 

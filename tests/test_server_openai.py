@@ -25,7 +25,7 @@ def client(server) -> openai.OpenAI:
 
 def chat(client, messages=USER, **kw):
     kw = {"max_tokens": 8, "temperature": 0} | kw
-    return client.chat.completions.create(model="tiny", messages=messages, **kw)
+    return client.chat.completions.create(model="tiny-random", messages=messages, **kw)
 
 
 def image_message(*urls: str, text: str = "Describe the images.") -> dict:
@@ -34,7 +34,7 @@ def image_message(*urls: str, text: str = "Describe the images.") -> dict:
 
 
 def test_models(client):
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert [m.id for m in client.models.list().data] == ["tiny-random"]
 
 
 def test_chat_sync(client):
@@ -51,7 +51,7 @@ def test_chat_async_concurrent_greedy_is_deterministic(server):
     async def run():
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=server.api_key, max_retries=0) as c:
             return await asyncio.gather(*(c.chat.completions.create(
-                model="tiny", messages=USER, max_tokens=8, temperature=0) for _ in range(3)))
+                model="tiny-random", messages=USER, max_tokens=8, temperature=0) for _ in range(3)))
     texts = {r.choices[0].message.content for r in asyncio.run(run())}
     assert len(texts) == 1
 
@@ -167,12 +167,12 @@ def test_regex_extension(client):
 
 
 def test_completions(client):
-    r = client.completions.create(model="tiny", prompt=["def f(x):", "import os"], max_tokens=5,
+    r = client.completions.create(model="tiny-random", prompt=["def f(x):", "import os"], max_tokens=5,
                                   temperature=0, logprobs=2)
     assert [c.index for c in r.choices] == [0, 1]
     for c in r.choices:
         assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) <= 5
         assert "".join(c.logprobs.tokens) == c.text
-    streamed = client.completions.create(model="tiny", prompt="def f(x):", max_tokens=5, temperature=0,
+    streamed = client.completions.create(model="tiny-random", prompt="def f(x):", max_tokens=5, temperature=0,
                                          stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == r.choices[0].text

@@ -43,7 +43,7 @@ def test_openai_client_on_e_p_d_topology(tmp_path, tiny_model_dir):
     log = tmp_path / "server.log"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "tiny", "--instances", "E,P,D",
+        proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "tiny-random", "--instances", "E,P,D",
                                  "--port", str(port), "--kv-cache-mb", "32", "--log-level", "warning"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
@@ -51,7 +51,7 @@ def test_openai_client_on_e_p_d_topology(tmp_path, tiny_model_dir):
         instances = _children(proc.pid)
         assert len(instances) == 3
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
-        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+        reply = client.chat.completions.create(model="tiny-random", messages=messages, max_tokens=10, temperature=0,
                                                extra_body={"ignore_eos": True})
         assert reply.choices[0].message.content == want.text
         assert reply.usage.completion_tokens == 10

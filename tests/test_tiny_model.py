@@ -138,8 +138,9 @@ def test_ensure_tiny_model_loses_race_gracefully(tmp_path: Path, monkeypatch: py
 
 
 
-def test_serve_aliases_resolve_to_cached_checkpoints():
-    from runtime.tiny_model import resolve_model
+def test_serve_aliases_resolve_to_checkpoints():
+    from runtime.tiny_model import SHAPES_CHECKPOINT, resolve_model
 
-    assert resolve_model("tiny") == str(ensure_tiny_model("tiny"))
+    assert resolve_model("tiny") == resolve_model("shapes") == str(SHAPES_CHECKPOINT)  # the trained default
+    assert resolve_model("tiny-random") == str(ensure_tiny_model("tiny"))
     assert resolve_model("/some/dir") == "/some/dir"

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         p = sub.add_parser(mode, help=importlib.import_module(module).__doc__.splitlines()[0])
         p.add_argument("--launch", default="E,P,D", metavar="SPEC", help="topology of the launched epd serve")
-        p.add_argument("--model", default="tiny")
+        p.add_argument("--model", default="tiny-random")
         p.add_argument("--serve-args", default="", help="extra `epd serve` flags, one shell-quoted string")
         p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the report here")
         p.add_argument("--log-dir", type=Path, default=Path("results/reliability"))

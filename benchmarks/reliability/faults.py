@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 async def stream_one(client: httpx.AsyncClient, i: int, t0: float, output_len: int) -> dict:
     """One streamed multimodal chat request: when it started, first streamed, ended, and how."""
-    body = {"model": "tiny", "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True,
+    body = {"model": "tiny-random", "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True,
             "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": image_data_url(160, 160, seed=i % 7)}},
                 {"type": "text", "text": f"Describe picture {i}."}]}]}

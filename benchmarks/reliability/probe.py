@@ -44,7 +44,7 @@ def integrity_ok(info: dict) -> bool:
     return bool(per) and all(r.get("ok") for r in per.values())
 
 
-def healthy(url: str, model: str = "tiny", timeout_s: float = 60.0) -> bool:
+def healthy(url: str, model: str = "tiny-random", timeout_s: float = 60.0) -> bool:
     """/health answers 200 and a small chat request completes."""
     try:
         if httpx.get(f"{url}/health", timeout=timeout_s).status_code != 200:

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def chat(i: int, images: int, stream: bool, tokens: int = 16) -> dict:
     parts = [{"type": "image_url", "image_url": {"url": image_data_url(128 + 32 * (k % 3), 128, seed=i * 5 + k)}}
              for k in range(images)]
-    return {"model": "tiny", "max_tokens": tokens, "temperature": 0, "stream": stream,
+    return {"model": "tiny-random", "max_tokens": tokens, "temperature": 0, "stream": stream,
             "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": f"Look at {i}."}]}]}
 
 

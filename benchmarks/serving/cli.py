@@ -44,7 +44,8 @@ def add_bench_parser(subparsers: "argparse._SubParsersAction") -> None:
     t.add_argument("--launch", "--launch-topology", dest="launch", action="append", default=[], metavar="SPEC",
                    help="start `epd serve` with this topology on a free port, bench it, stop it (repeatable)")
     t.add_argument("--launch-model", default=None,
-                   help="model `--launch` serves (default: the trained 'shapes' for --dataset shapes, else 'tiny')")
+                   help="model `--launch` serves (default: the trained 'shapes' for --dataset shapes, "
+                        "else 'tiny-random')")
     t.add_argument("--launch-args", default="", help="extra `epd serve` flags, one shell-quoted string")
     t.add_argument("--launch-timeout", type=float, default=300.0)
     w = p.add_argument_group("workload")
@@ -109,7 +110,7 @@ def systems(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     from benchmarks.serving.launch import launched
 
     for spec in args.launch:
-        model = args.launch_model or ("shapes" if args.dataset == "shapes" else "tiny")
+        model = args.launch_model or ("shapes" if args.dataset == "shapes" else "tiny-random")
         with launched(spec, model, shlex.split(args.launch_args), Path(args.result_dir),
                       args.launch_timeout) as url:
             yield (f"{args.label} {spec}" if args.label else spec), url

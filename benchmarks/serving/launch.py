@@ -9,7 +9,7 @@ from runtime.cluster.server_process import free_port, spawn_server, stop, wait_h
 
 
 @contextmanager
-def launched(spec: str, model: str = "tiny", extra: Sequence[str] = (), log_dir: Path = Path("."),
+def launched(spec: str, model: str = "tiny-random", extra: Sequence[str] = (), log_dir: Path = Path("."),
              timeout_s: float = 300.0) -> Iterator[str]:
     """Yield the base URL of a running `epd serve` with topology `spec`; always stop it on exit."""
     port = free_port()

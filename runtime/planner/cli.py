@@ -1,8 +1,8 @@
 """`epd plan MODEL`: profile, simulate every candidate topology, recommend the one with the highest goodput.
 
-    epd plan tiny --dataset encode-heavy --num-prompts 60 --slo-ttft-ms 3000 --slo-tpot-ms 100
-    epd plan tiny --dataset mixed --validate --validate-top 2 --json plan.json
-    epd plan tiny --dataset decode-heavy --gpus 16 --device-profile runtime/planner/devices/h100-qwen2-vl-7b.json
+    epd plan tiny-random --dataset encode-heavy --num-prompts 60 --slo-ttft-ms 3000 --slo-tpot-ms 100
+    epd plan tiny-random --dataset mixed --validate --validate-top 2 --json plan.json
+    epd plan tiny-random --dataset decode-heavy --gpus 16 --device-profile runtime/planner/devices/h100-qwen2-vl-7b.json
 
 The workload flags are those of `epd bench` (its datasets, plus the encode-heavy, decode-heavy and
 mixed shapes of benchmarks/topology_sweep.py). The workload is built by the repository's benchmarks/.
@@ -26,7 +26,7 @@ DEVICES = Path(__file__).resolve().parent / "devices"
 def add_plan_parser(subparsers: "argparse._SubParsersAction") -> None:
     p = subparsers.add_parser("plan", help="choose the E:P:D topology for a workload and SLO (simulated)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", help="model directory, or an alias `epd serve` takes ('tiny', ...)")
+    p.add_argument("model", help="model directory, or an alias `epd serve` takes ('tiny-random', ...)")
     w = p.add_argument_group("workload (as `epd bench`)")
     w.add_argument("--dataset", default="fixed", help="an `epd bench` dataset, or encode-heavy|decode-heavy|mixed")
     w.add_argument("--num-prompts", type=int, default=100)

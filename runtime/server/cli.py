@@ -13,8 +13,8 @@ from runtime.tiny_model import resolve_model
 
 def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p = subparsers.add_parser("serve", help="serve a model over HTTP (OpenAI and SGLang APIs)")
-    p.add_argument("model", help="model directory; 'tiny' / 'tiny-llava' (cached random-weight checkpoints) or "
-                                   "'shapes' (the trained embedded model)")
+    p.add_argument("model", help="model directory; 'tiny' (the trained embedded shapes model, also 'shapes'), or "
+                                   "'tiny-random' / 'tiny-llava' (cached random-weight checkpoints)")
     p.add_argument("--instances", default="EPD",
                    help="topology: EPD, E,PD, EP,D, ED,P, E,P,D, 2E,P,D, ... or a YAML file")
     p.add_argument("--transfer", choices=("shm", "zmq"), default="shm",
