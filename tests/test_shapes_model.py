@@ -41,6 +41,18 @@ def test_scenes_are_well_formed():
                 assert kinds.count(q.text.split()[-1].rstrip("?")) == 1
 
 
+def test_crowded_training_draws_three_shape_scenes_and_zero_replays_the_old_draws():
+    from runtime.shapes.train import training_scene
+
+    counts = [len(training_scene(random.Random(seed), crowded=1.0).shapes) for seed in range(20)]
+    assert counts == [3] * 20
+    mixed = [len(training_scene(random.Random(seed), crowded=0.5).shapes) for seed in range(200)]
+    assert 0.55 < mixed.count(3) / 200 < 0.85  # half forced to 3, a third of the rest drawn as 3
+    old, new = random.Random(7), random.Random(7)  # crowded=0 must not draw: the recipe's older stages replay
+    width, height = old.randrange(112, 449), old.randrange(112, 449)
+    assert training_scene(new, 0.0) == random_scene(old, width, height)
+
+
 def test_answers_and_grading():
     scene = Scene(320, 224, "white", (Shape("circle", "red", 10, 10, 60), Shape("square", "blue", 120, 80, 60)))
     assert describe(scene) == "A red circle and a blue square on a white background."

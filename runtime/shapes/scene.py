@@ -74,12 +74,14 @@ class Question:
     answer: str
 
 
-def random_scene(rng: random.Random, width: int | None = None, height: int | None = None) -> Scene:
-    """A scene whose shapes do not overlap and whose centres are far enough apart to order left to right."""
+def random_scene(rng: random.Random, width: int | None = None, height: int | None = None,
+                 count: int | None = None) -> Scene:
+    """A scene whose shapes do not overlap and whose centres are far enough apart to order left to right;
+    `count` shapes, or 1-3 drawn uniformly."""
     width = width or rng.randrange(MIN_SIDE, MAX_SIDE + 1)
     height = height or rng.randrange(MIN_SIDE, MAX_SIDE + 1)
     for _ in range(1000):
-        placed = _place(rng, width, height, rng.randint(1, 3))
+        placed = _place(rng, width, height, count or rng.randint(1, 3))
         if placed is not None:
             return Scene(width, height, rng.choice(list(BACKGROUNDS)), placed)
     raise RuntimeError(f"could not place shapes in a {width}x{height} image")

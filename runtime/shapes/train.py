@@ -60,6 +60,7 @@ class TrainConfig:
     init: Path | None = None
     token_kind: bool = False
     focus: tuple[str, ...] = ()
+    crowded: float = 0.0  # stage 2: this fraction of scenes has 3 shapes (the rest 1-3, uniformly)
 
 
 def english_corpus(seed: int) -> list[str]:
@@ -121,8 +122,10 @@ def sample_questions(rng: random.Random, scene: Scene, focus: tuple[str, ...] = 
     return [rng.choice(by_kind[rng.choice(kinds)]) for _ in range(rng.randint(1, 4))]
 
 
-def training_scene(rng: random.Random) -> Scene:
-    return random_scene(rng, rng.randrange(MIN_SIDE, MAX_SIDE + 1), rng.randrange(MIN_SIDE, MAX_SIDE + 1))
+def training_scene(rng: random.Random, crowded: float = 0.0) -> Scene:
+    width, height = rng.randrange(MIN_SIDE, MAX_SIDE + 1), rng.randrange(MIN_SIDE, MAX_SIDE + 1)
+    # No draw at all when crowded is 0, so that the runs from before `crowded` replay exactly.
+    return random_scene(rng, width, height, 3 if crowded and rng.random() < crowded else None)
 
 
 def vision_batch(processor: Processor, rng: random.Random, size: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -138,11 +141,11 @@ def vision_batch(processor: Processor, rng: random.Random, size: int) -> tuple[t
 
 
 def make_batch(processor: Processor, rng: random.Random, size: int, pad_id: int,
-               focus: tuple[str, ...] = ()) -> tuple[dict, torch.Tensor]:
+               focus: tuple[str, ...] = (), crowded: float = 0.0) -> tuple[dict, torch.Tensor]:
     """Model inputs for `size` chats (right-padded) and the probe targets of their image tokens."""
     rows, targets = [], []
     for i in range(size):
-        scene = training_scene(rng)
+        scene = training_scene(rng, crowded)
         rows.append(example(processor, scene, sample_questions(rng, scene, focus)))
         targets.append(token_targets(scene, rows[-1][2].grid_thw, i))
     width = max(len(ids) for ids, _, _ in rows)
@@ -207,7 +210,7 @@ def train(out: Path, cfg: TrainConfig) -> None:
                   f"{evaluate(model, processor, cfg.eval_n)}", flush=True)
 
     run_stage("joint", cfg.steps, cfg.lr, list(model.parameters()) + list(probe.parameters()),
-              lambda: joint_step(model, probe, processor, rng, cfg.batch, pad_id, cfg.focus), saved)
+              lambda: joint_step(model, probe, processor, rng, cfg, pad_id), saved)
 
 
 def vision_step(model, probe: Probe, processor: Processor, rng: random.Random, batch: int) -> dict[str, torch.Tensor]:
@@ -216,9 +219,9 @@ def vision_step(model, probe: Probe, processor: Processor, rng: random.Random, b
     return probe.losses(targets)
 
 
-def joint_step(model, probe: Probe, processor: Processor, rng: random.Random, batch: int,
-               pad_id: int, focus: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    inputs, targets = make_batch(processor, rng, batch, pad_id, focus)
+def joint_step(model, probe: Probe, processor: Processor, rng: random.Random, cfg: TrainConfig,
+               pad_id: int) -> dict[str, torch.Tensor]:
+    inputs, targets = make_batch(processor, rng, cfg.batch, pad_id, cfg.focus, cfg.crowded)
     return {"lm": model(**inputs).loss} | probe.losses(targets)
 
 
@@ -271,10 +274,11 @@ def main() -> None:
     p.add_argument("--token-kind", action="store_true", help="the probe also asks every shape token for its kind")
     p.add_argument("--focus", action="append", default=[], choices=KINDS,
                    help=f"a question kind drawn {FOCUS_WEIGHT}x as often in stage 2 (repeatable)")
+    p.add_argument("--crowded", type=float, default=d.crowded, help="stage 2: the fraction of 3-shape scenes")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     train(args.out, TrainConfig(args.steps, args.vision_steps, args.batch, args.lr, args.seed, args.save_every,
-                                args.eval_n, args.init, args.token_kind, tuple(args.focus)))
+                                args.eval_n, args.init, args.token_kind, tuple(args.focus), args.crowded))
 
 
 if __name__ == "__main__":
