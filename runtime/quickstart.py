@@ -1,4 +1,4 @@
-"""`make serve`: start `epd serve shapes` (the trained embedded model), ask it about a picture it has never
+"""`make serve`: start `epd serve tiny` (the trained embedded shapes model), ask it about a picture it has never
 seen, print its answers beside the right ones, then keep serving.
 
 Set EPD_DEMO_ONCE=1 to stop the server after the first answer (used by the tests).
