@@ -239,10 +239,9 @@ def finish(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Nam
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so that launched servers stop
-    if args.model == "tiny-random":
-        from runtime.tiny_model import ensure_tiny_model
+    from runtime.tiny_model import resolve_model as checkpoint_dir
 
-        print(f"model: {ensure_tiny_model('tiny')}")
+    print(f"model: {checkpoint_dir(args.model)}")
     t0 = time.monotonic()
     deadline = t0 + args.time_budget
     cells = [cell for spec in args.topologies for cell in sweep_topology(args, spec, deadline)]

@@ -78,19 +78,19 @@ def test_plan_profiles_once_simulates_and_writes_the_json(tmp_path, capsys, smal
     assert move is None or move[1] != frozenset("D")  # four-token outputs never ask for a third decoder
 
     # its SLO flags are what the planned moves aim for
+    # (`epd serve` and `epd.Runtime` both pass their config to `move_chooser`)
     from runtime.cli import build_parser
-    from runtime.server.app import _move_chooser
+    from runtime.planner.switching import move_chooser
     from runtime.server.cli import config_from_args
 
     args = build_parser().parse_args(["serve", "tiny-random", "--instances", "E,P,D", "--role-switching",
                                       "--slo-tpot-ms", "40"])
-    assert _move_chooser(config_from_args(args)).planner.slo == Slo(ttft_ms=3000.0, tpot_ms=40.0)
-    # and `epd.Runtime(role_switching=True)` gets the same model
-    from epdlang.backends.runtime import _move_chooser as runtime_chooser
-
-    chooser = runtime_chooser(model, "E,P,D", Slo(ttft_ms=500.0), {"role_switching": True})
+    cfg = config_from_args(args)
+    served = move_chooser(cfg.model_path, cfg.topology, cfg.slo, **cfg.engine_overrides)
+    assert served.planner.slo == Slo(ttft_ms=3000.0, tpot_ms=40.0)
+    chooser = move_chooser(model, parse_topology("E,P,D"), Slo(ttft_ms=500.0), role_switching=True)
     assert isinstance(chooser, PlannedMoves) and chooser.planner.slo == Slo(ttft_ms=500.0)
-    assert runtime_chooser(model, "E,P,D", None, {}) is None
+    assert move_chooser(model, parse_topology("E,P,D"), None) is None
 
 
 def test_plan_for_gpus_reads_a_device_profile(tmp_path, capsys):

@@ -36,14 +36,16 @@ class Runtime(Backend):
     def __init__(self, model: str | Path | None = None, instances: str = "EPD", ray: str | None = None,
                  slo: Any = None, **engine_overrides: Any) -> None:
         from runtime.cluster.deployment import Deployment
+        from runtime.cluster.topology import parse_topology
+        from runtime.planner.switching import move_chooser
 
         if model is None:
             from runtime.tiny_model import SHAPES_CHECKPOINT
 
             model = SHAPES_CHECKPOINT
-        self.deployment = Deployment(model, instances, ray=ray, move_chooser=_move_chooser(model, instances, slo,
-                                                                                          engine_overrides),
-                                     **engine_overrides)
+        topology = parse_topology(instances)
+        chooser = move_chooser(model, topology, slo, **engine_overrides)
+        self.deployment = Deployment(model, topology, ray=ray, move_chooser=chooser, **engine_overrides)
         self.processor = self.deployment.processor
         self.chat_template = template_for(self.processor.model_type)
         self._images: OrderedDict[str, Any] = OrderedDict()
@@ -154,13 +156,3 @@ def _meta(out: Any) -> dict[str, Any]:
             "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
             "cached_tokens": out.cached_tokens}
 
-
-def _move_chooser(model: str | Path, instances: str, slo: Any, overrides: dict[str, Any]) -> Any:
-    """Under `role_switching`, the planner's model (as `epd serve --role-switching` uses it) when `epd plan` has
-    profiled this model here; else None, and the router follows its queue rule."""
-    if not overrides.get("role_switching"):
-        return None
-    from runtime.cluster.topology import parse_topology
-    from runtime.planner.switching import planned_moves
-
-    return planned_moves(Path(model), parse_topology(instances), slo, **overrides)

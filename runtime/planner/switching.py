@@ -9,6 +9,7 @@ time, and never the last instance of a role.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from runtime.planner.search import Planner, Resources, capacity_bound, spec_of
 from runtime.planner.sim import Budgets, Node, Simulation
 from runtime.planner.workload import Shape
 
+log = logging.getLogger(__name__)
 SIM_POLICY = SwitchPolicy(window_s=4.0)  # the shifting-workload benchmark's window
 
 
@@ -122,6 +124,18 @@ class Switcher:
         for other in self.sim.nodes:
             self.sim._poll_lm(other)
             self.sim._poll_encoder(other)
+
+
+def move_chooser(model_dir: str | Path, topology: Topology, slo: Slo | None = None,
+                 **engine_overrides: Any) -> PlannedMoves | None:
+    """What a deployment's router moves instances by: under `role_switching`, `planned_moves` (logged either
+    way); None without role switching, or without a profile (the router's queue rule)."""
+    if not engine_overrides.get("role_switching"):
+        return None
+    chooser = planned_moves(model_dir, topology, slo, **engine_overrides)
+    log.info("role switching follows %s", "the planner's model (cached profile)" if chooser else
+             "the queue rule (no `epd plan` profile of this model on this machine)")
+    return chooser
 
 
 def planned_moves(model_dir: Path, topology: Topology, slo: Slo | None = None, **budgets: Any) -> PlannedMoves | None:

@@ -27,22 +27,12 @@ log = logging.getLogger("epdlang.server")
 def load_engine(config: ServerConfig) -> Any:
     """Start the deployment's instances and router (blocking; runs on a worker thread at start-up)."""
     from runtime.cluster.deployment import Deployment
+    from runtime.planner.switching import move_chooser
 
+    chooser = move_chooser(config.model_path, config.topology, config.slo, **config.engine_overrides)
     return Deployment(config.model_path, config.topology, transfer=config.transfer,
                       max_waiting_requests=config.max_waiting_requests, ray=config.ray,
-                      move_chooser=_move_chooser(config), **config.engine_overrides)
-
-
-def _move_chooser(config: ServerConfig) -> Any:
-    """Under --role-switching, the planner's model when `epd plan` has profiled this model here."""
-    if not config.engine_overrides.get("role_switching"):
-        return None
-    from runtime.planner.switching import planned_moves
-
-    chooser = planned_moves(config.model_path, config.topology, config.slo, **config.engine_overrides)
-    log.info("role switching follows %s", "the planner's model (cached profile)" if chooser else
-             "the queue rule (no `epd plan` profile of this model on this machine)")
-    return chooser
+                      move_chooser=chooser, **config.engine_overrides)
 
 
 def create_app(config: ServerConfig, engine_factory=load_engine) -> FastAPI:
