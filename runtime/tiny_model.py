@@ -6,6 +6,7 @@ byte-level BPE trained on Python's own stdlib sources, so it is local and reprod
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FORMAT_VERSION = "v1"
+STAMP_FILE = ".build-stamp"
 SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -308,24 +310,64 @@ def cache_root() -> Path:
     return Path(os.environ.get("EPD_CACHE_DIR") or "~/.cache/epdlang").expanduser()
 
 
+def build_stamp() -> str:
+    """What decides a checkpoint's bytes: this builder's source and the libraries that write the files."""
+    from importlib.metadata import version
+
+    parts = [Path(__file__).read_bytes()] + [version(p).encode() for p in ("torch", "transformers", "tokenizers")]
+    parts.append(sysconfig.get_python_version().encode())
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
 def ensure_tiny_model(size: str = "tiny", seed: int = 0, arch: str = "qwen2_vl") -> Path:
-    """Return the cached checkpoint dir for (arch, size, seed), building it once. Safe if processes race."""
+    """Return the cached checkpoint dir for (arch, size, seed), building it once. Safe if processes race.
+
+    Invariant: a cached dir holds what this builder, with these library versions, writes now. Its
+    `.build-stamp` names them; a dir left by another builder or version (a stale cache) is rebuilt in place.
+    """
     name = f"{size}-seed{seed}-{FORMAT_VERSION}" if arch == "qwen2_vl" else f"{arch}-{size}-seed{seed}-{FORMAT_VERSION}"
-    final = cache_root() / "models" / name
-    if final.is_dir():
+    final, stamp = cache_root() / "models" / name, build_stamp()
+    if _stamp_of(final) == stamp:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         build_tiny_model(tmp, size=size, seed=seed, arch=arch)
+        (tmp / STAMP_FILE).write_text(stamp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
-        os.rename(tmp, final)
-    except OSError:
-        if not final.is_dir():
-            raise
+        _replace_dir(tmp, final, stamp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _stamp_of(d: Path) -> str | None:
+    try:
+        return (d / STAMP_FILE).read_text()
+    except OSError:
+        return None
+
+
+def _replace_dir(new: Path, final: Path, stamp: str) -> None:
+    """Move `new` to `final`; a stale `final` is moved aside first. A racing process's fresh build wins."""
+    try:
+        os.rename(new, final)
+        return
+    except OSError:
+        if _stamp_of(final) == stamp:
+            return
+    stale = Path(tempfile.mkdtemp(prefix=f".{final.name}-stale-", dir=final.parent))
+    try:
+        os.rename(final, stale / "old")
+    except OSError:
+        pass  # another process moved it first
+    try:
+        os.rename(new, final)
+    except OSError:
+        if _stamp_of(final) != stamp:
+            raise
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 # The random-weight embedded checkpoints (built and cached on first use): token parity, performance, planner.

@@ -19,7 +19,7 @@ EXPECTED_FILES = {
 
 
 def _file_bytes(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file() and not p.name.startswith(".")}
 
 
 def test_files_present(tiny_model_dir: Path):
@@ -28,7 +28,9 @@ def test_files_present(tiny_model_dir: Path):
 
 def test_cli_build_is_byte_identical_to_cached(tiny_model_dir: Path, tmp_path: Path):
     assert cli_main(["make-tiny-model", str(tmp_path / "m"), "--size", "tiny", "--seed", "0"]) == 0
-    assert _file_bytes(tmp_path / "m") == _file_bytes(tiny_model_dir)
+    built, cached = _file_bytes(tmp_path / "m"), _file_bytes(tiny_model_dir)
+    assert sorted(built) == sorted(cached)
+    assert [n for n in built if built[n] != cached[n]] == []  # names the differing files, not their bytes
 
 
 def test_loads_offline_with_transformers(tiny_model_dir: Path, hf_model):
@@ -127,8 +129,9 @@ def test_ensure_tiny_model_loses_race_gracefully(tmp_path: Path, monkeypatch: py
 
     def racing_build(out_dir, size="tiny", seed=0, arch="qwen2_vl"):
         (Path(out_dir) / "config.json").write_text("{}")
-        final.mkdir()  # another process finished first
+        final.mkdir()  # another process finished first, with the same builder
         (final / "config.json").write_text('{"winner": true}')
+        (final / tiny_model.STAMP_FILE).write_text(tiny_model.build_stamp())
 
     monkeypatch.setenv("EPD_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tiny_model, "build_tiny_model", racing_build)
@@ -136,6 +139,26 @@ def test_ensure_tiny_model_loses_race_gracefully(tmp_path: Path, monkeypatch: py
     assert json.loads((final / "config.json").read_text()) == {"winner": True}
     assert [p.name for p in final.parent.iterdir()] == [final.name]
 
+
+def test_stale_cache_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A cached dir from another builder or library version (no stamp, or another one) is replaced."""
+    final = tmp_path / "models" / "tiny-seed0-v1"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text('{"stale": true}')
+
+    def build(out_dir, size="tiny", seed=0, arch="qwen2_vl"):
+        (Path(out_dir) / "config.json").write_text('{"fresh": true}')
+
+    monkeypatch.setenv("EPD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tiny_model, "build_tiny_model", build)
+    for old_stamp in (None, "another-builder"):
+        if old_stamp:
+            (final / "config.json").write_text('{"stale": true}')
+            (final / tiny_model.STAMP_FILE).write_text(old_stamp)
+        assert ensure_tiny_model("tiny", seed=0) == final
+        assert json.loads((final / "config.json").read_text()) == {"fresh": True}
+        assert (final / tiny_model.STAMP_FILE).read_text() == tiny_model.build_stamp()
+        assert [p.name for p in final.parent.iterdir()] == [final.name]
 
 
 def test_serve_aliases_resolve_to_checkpoints():
