@@ -52,6 +52,7 @@ class Processor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         from runtime.models import read_config
+        from runtime.qwen2vl_pixels import Qwen2VLPixels
 
         self.model_dir = Path(model_dir)
         self.model_config = read_config(self.model_dir)
@@ -60,6 +61,8 @@ class Processor:
         kwargs = {} if max_pixels is None or self.tokens_per_image else {"max_pixels": max_pixels}
         # PIL-based processors: no torchvision is needed (nor installed on CPU machines).
         self.image_processor = AutoImageProcessor.from_pretrained(self.model_dir, backend="pil", **kwargs)
+        ip = self.image_processor
+        self._fast_pixels = Qwen2VLPixels(ip) if Qwen2VLPixels.supports(ip) else None
         config = _read_json(self.model_dir / "config.json")
         text_config = config.get("text_config", config)
         self.model_type: str = config.get("model_type", "")
@@ -100,18 +103,21 @@ class Processor:
         """Hash and patchify one RGB image for the vision tower."""
         img = _to_rgb(img)
         try:
-            out = self.image_processor(images=[img], return_tensors="pt")
+            pixel_values, grid, num_tokens = self._pixels(img)
         except ValueError as e:  # e.g. an aspect ratio beyond 200:1
             raise ImageError(f"image {img.size[0]}x{img.size[1]} cannot be processed: {e}") from e
-        grid, num_tokens = self._grid(out)
         if num_tokens > self.max_image_tokens:
             raise ImageError(f"image needs {num_tokens} tokens, more than the limit {self.max_image_tokens}")
-        return ImageInput(
-            content_hash=content_hash(img),
-            pixel_values=out["pixel_values"].float(),
-            grid_thw=grid,
-            num_tokens=num_tokens,
-        )
+        return ImageInput(content_hash=content_hash(img), pixel_values=pixel_values, grid_thw=grid,
+                          num_tokens=num_tokens)
+
+    def _pixels(self, img: Image.Image) -> tuple[Any, tuple[int, int, int], int]:
+        if self._fast_pixels is not None:
+            pixel_values, grid = self._fast_pixels(img)
+            return pixel_values, grid, grid[0] * grid[1] * grid[2] // self.merge_size**2
+        out = self.image_processor(images=[img], return_tensors="pt")
+        grid, num_tokens = self._grid(out)
+        return out["pixel_values"].float(), grid, num_tokens
 
     def _grid(self, out: Any) -> tuple[tuple[int, int, int], int]:
         """The image's patch grid (frames, rows, columns) and its placeholder-token count."""

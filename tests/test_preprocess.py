@@ -196,3 +196,24 @@ def test_max_pixels_limits_image_tokens(tiny_model_dir: Path):
     small = Processor(tiny_model_dir, max_pixels=224 * 224)
     img = small.process_image(make_image("red", (896, 896)))
     assert img.num_tokens <= small.max_image_tokens == 64
+
+
+@pytest.mark.parametrize("model", ["tiny-random", "shapes"])
+def test_fast_pixels_are_bit_identical_to_transformers(model: str):
+    """Our table-lookup patchify gives transformers' Qwen2-VL processor's exact float32 bits and grid."""
+    import numpy as np
+
+    from runtime.tiny_model import resolve_model
+
+    proc = Processor(resolve_model(model))
+    assert proc._fast_pixels is not None
+    rng = np.random.default_rng(0)
+    sizes = [(224, 224), (448, 336), (100, 37), (1000, 300), (57, 1200), (28, 28), (29, 31), (1600, 1200)]
+    for w, h in sizes:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = proc.image_processor(images=[img], return_tensors="pt")
+        got = proc.process_image(img)
+        assert torch.equal(got.pixel_values, ref["pixel_values"].float()), (w, h)
+        assert list(got.grid_thw) == ref["image_grid_thw"][0].tolist()
+    with pytest.raises(ImageError):  # transformers' own limit on the aspect ratio still applies
+        proc.process_image(Image.new("RGB", (20000, 50)))
