@@ -181,6 +181,29 @@ def test_encoder_and_lm_threads_split_the_cores_only_while_both_work(tiny_model_
     assert all(n == (1 if busy else 2) for _, busy, n in seen)
 
 
+def test_an_encode_with_no_lm_work_beside_it_runs_on_the_loop_thread(tiny_model_dir, red_image, blue_image):
+    import threading
+
+    eng = Engine(tiny_model_dir, num_threads=2, overlap_encode=True)
+    threads: list[str] = []
+    encode = eng.runner.encode
+    eng.runner.encode = lambda *a: threads.append(threading.current_thread().name) or encode(*a)
+    [alone] = eng.generate([_ask(red_image, "What is it?")], GREEDY)
+    assert threads == ["MainThread"]
+    eng.add_request(prompt="a long story " * 8, sampling_params=SamplingParams(max_new_tokens=40))
+    for _ in range(3):
+        eng.step()  # prefill, then decode: the next encode has LM work beside it
+    eng.add_request(**_ask(blue_image, "What is it?"), sampling_params=GREEDY)
+    for _ in range(300):
+        if not eng.has_unfinished():
+            break
+        eng.step()
+    assert not eng.has_unfinished()
+    assert threads[1:] == ["encoder_0"]
+    [again] = eng.generate([_ask(red_image, "What is it?")], GREEDY)  # encoder cache: no third encode
+    assert again.token_ids == alone.token_ids and len(threads) == 2
+
+
 def test_without_overlap_every_stage_keeps_all_threads(tiny_model_dir, red_image):
     import torch
 

@@ -167,7 +167,7 @@ class Engine:
         plan = self.scheduler.schedule(allow_encode=self.model.visual is not None and self._encode_job is None)
         self._lm_busy = bool(plan.prefill)  # decode steps are short: beside them the encoder keeps every thread
         if plan.encode:
-            self._start_encode(plan.encode)
+            self._start_encode(plan.encode, beside_lm=bool(plan.decode or plan.prefill))
         batches = [(plan.decode, True), (plan.prefill, False)]
         if self.config.mixed_batches and plan.decode and plan.prefill:
             batches = [(plan.decode + plan.prefill, False)]  # decode rows first: `num_decode` of the pass
@@ -184,15 +184,17 @@ class Engine:
         self.idle = not (ran_lm or plan.encode or encoded)
         return self._collect_outputs()
 
-    def _start_encode(self, picked: list[tuple[Req, int]]) -> None:
-        """Run the vision tower for `picked`, on the encoder thread when overlap is on."""
+    def _start_encode(self, picked: list[tuple[Req, int]], beside_lm: bool) -> None:
+        """Run the vision tower for `picked`: on the encoder thread when overlap is on and LM work runs beside
+        it, else here. (Alone, the tower ran 30-60% slower on the encoder thread after decode steps than on
+        this one: page faults and involuntary switches, measured per request in docs/performance.md.)"""
         todo: dict[str, tuple[Any, list[tuple[Req, int]]]] = {}
         for req, i in picked:
             image = req.msg.images[i]
             todo.setdefault(image.content_hash, (image, []))[1].append((req, i))
         images = [image for image, _ in todo.values()]
         job = lambda: self._timed_encode(images)  # noqa: E731
-        future = self._encoder_pool.submit(job) if self._encoder_pool else _done(job)
+        future = self._encoder_pool.submit(job) if self._encoder_pool and beside_lm else _done(job)
         self._encode_job = (future, list(todo.values()))
 
     def set_num_threads(self, n: int) -> None:
