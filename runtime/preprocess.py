@@ -52,7 +52,7 @@ class Processor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         from runtime.models import read_config
-        from runtime.qwen2vl_pixels import Qwen2VLPixels
+        from runtime.models.qwen2vl_pixels import Qwen2VLPixels
 
         self.model_dir = Path(model_dir)
         self.model_config = read_config(self.model_dir)
