@@ -114,7 +114,7 @@ class Processor:
     def _pixels(self, img: Image.Image) -> tuple[Any, tuple[int, int, int], int]:
         if self._fast_pixels is not None:
             pixel_values, grid = self._fast_pixels(img)
-            return pixel_values, grid, grid[0] * grid[1] * grid[2] // self.merge_size**2
+            return pixel_values, grid, self._num_tokens(grid)
         out = self.image_processor(images=[img], return_tensors="pt")
         grid, num_tokens = self._grid(out)
         return out["pixel_values"].float(), grid, num_tokens
@@ -126,7 +126,10 @@ class Processor:
             h, w = out["pixel_values"].shape[-2:]
             return (1, h // patch, w // patch), self.tokens_per_image
         grid = tuple(int(v) for v in out["image_grid_thw"][0])
-        return grid, grid[0] * grid[1] * grid[2] // self.merge_size**2
+        return grid, self._num_tokens(grid)
+
+    def _num_tokens(self, grid: tuple[int, int, int]) -> int:
+        return grid[0] * grid[1] * grid[2] // self.merge_size**2
 
     def image_input(self, x: ImageLike | ImageInput) -> ImageInput:
         return x if isinstance(x, ImageInput) else self.process_image(self.load_image(x))

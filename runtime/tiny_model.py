@@ -6,6 +6,7 @@ byte-level BPE trained on Python's own stdlib sources, so it is local and reprod
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -310,6 +311,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("EPD_CACHE_DIR") or "~/.cache/epdlang").expanduser()
 
 
+@functools.cache
 def build_stamp() -> str:
     """What decides a checkpoint's bytes: this builder's source and the libraries that write the files."""
     from importlib.metadata import version

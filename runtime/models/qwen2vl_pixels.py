@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 SUPPORTED = ("Qwen2VLImageProcessorPil",)
 
@@ -24,7 +25,6 @@ class Qwen2VLPixels:
         self.patch, self.merge, self.temporal = ip.patch_size, ip.merge_size, ip.temporal_patch_size
         self.min_pixels, self.max_pixels = ip.size["shortest_edge"], ip.size["longest_edge"]
         self.resample = Image.Resampling(int(ip.resample))
-        self._smart_resize = _smart_resize_of(ip)
         self._lut = _lookup_table(ip.rescale_factor, ip.image_mean, ip.image_std)
 
     @staticmethod
@@ -37,8 +37,8 @@ class Qwen2VLPixels:
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Return (pixel_values [patches, 3 * temporal * patch * patch] float32, grid (1, rows, columns))."""
         width, height = img.size
-        rh, rw = self._smart_resize(height, width, factor=self.patch * self.merge,
-                                    min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        rh, rw = smart_resize(height, width, factor=self.patch * self.merge,
+                              min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         if (rw, rh) != img.size:
             img = img.resize((rw, rh), resample=self.resample)
         p, m, t = self.patch, self.merge, self.temporal
@@ -61,8 +61,3 @@ def _lookup_table(scale: float, mean, std) -> np.ndarray:
     mean32, std32 = np.array(mean, dtype=np.float32), np.array(std, dtype=np.float32)
     return np.stack([(rescaled - mean32[c]) / std32[c] for c in range(3)]).astype(np.float32)
 
-
-def _smart_resize_of(image_processor):
-    import importlib
-
-    return importlib.import_module(type(image_processor).__module__).smart_resize
