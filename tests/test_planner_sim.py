@@ -150,14 +150,29 @@ def test_attainment_counts_requests_that_never_finished_as_misses():
     assert out.attainment == pytest.approx(1 / 3)
 
 
-def test_tokens_reach_the_client_after_the_api_server_streams_them():
-    # One API-server worker: 10 ms preprocessing, then 2 ms per streamed token. Prefill [10, 110] -> the
-    # first token is streamed [110, 112]; the decode step [110, 130] -> the second is streamed [130, 132].
-    stream = Fixed(prefill=100.0, decode=20.0)
-    stream.stream_ms_per_token = 2.0
-    sim = Simulation(EPD, stream, one_at_a_time(), cores=None)
+def streaming(stream_ms: float, client_ms: float = 0.0) -> Fixed:
+    costs = Fixed(prefill=100.0, decode=20.0)
+    costs.stream_ms_per_token, costs.client_ms_per_token = stream_ms, client_ms
+    return costs
+
+
+def test_tokens_reach_the_client_after_the_api_server_streams_them_and_the_client_parses_them():
+    # 10 ms preprocessing, 2 ms per token on the event loop, 5 ms per token in the client. Prefill [10, 110]
+    # -> the first token is streamed [110, 112] and parsed [112, 117]; the decode step [110, 130] -> the
+    # second is streamed [130, 132] and parsed [132, 137].
+    sim = Simulation(EPD, streaming(2.0, 5.0), one_at_a_time(), cores=None)
     sim.run([SimRequest(0.0, (), 10, 2, front_ms=10.0)], LOOSE)
-    assert sim.flights[0].tokens == pytest.approx([112, 132], abs=1e-9)
+    assert sim.flights[0].tokens == pytest.approx([117, 137], abs=1e-9)
+
+
+def test_streaming_does_not_hold_back_the_next_requests_preprocessing():
+    # 50 ms per streamed token. Request 1: preprocessed [0, 10], prefill [10, 110], its tokens streamed
+    # [110, 160] and [160, 210] (the decode step [110, 130] ends it). Request 2 arrives at 120 and is
+    # preprocessed at once on its own thread [120, 130]; prefill [130, 230]; its token waits for the event
+    # loop, free at 210, and is streamed [230, 280]: TTFT 160. (With one thread for both it would be 200.)
+    sim = Simulation(EPD, streaming(50.0), one_at_a_time(), cores=None)
+    reqs = [SimRequest(0.0, (), 10, 2, front_ms=10.0), SimRequest(120.0, (), 10, 1, front_ms=10.0)]
+    assert sim.run(reqs, LOOSE).ttft_ms == pytest.approx([160, 160], abs=1e-9)
 
 
 def test_on_accelerators_a_hybrids_encoder_and_lm_share_its_device_only():

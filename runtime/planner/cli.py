@@ -56,7 +56,9 @@ def add_plan_parser(subparsers: "argparse._SubParsersAction") -> None:
     o = p.add_argument_group("profile, validation and output")
     o.add_argument("--profile", default=None, help="profile JSON to read and extend (default: the cache)")
     o.add_argument("--stream-ms-per-token", type=float, default=None,
-                   help="override the profile's API-server CPU per streamed token (a lower bound there)")
+                   help="override the profile's API-server CPU per streamed token")
+    o.add_argument("--client-ms-per-token", type=float, default=None,
+                   help="override the profile's client CPU per streamed token (the benchmark client's)")
     o.add_argument("--validate", action="store_true", help="launch the top K and EPD with `epd bench` and compare")
     o.add_argument("--validate-top", type=int, default=2)
     o.add_argument("--launch-args", default="", help="extra `epd serve` flags for --validate")

@@ -48,6 +48,7 @@ class ProfileCosts:
         self.kv_bytes_per_token = int(profile["kv_bytes_per_token"])
         self.embed_bytes_per_token = int(profile["embed_bytes_per_token"])
         self.stream_ms_per_token = float(profile.get("stream_ms_per_token", 0.0))
+        self.client_ms_per_token = float(profile.get("client_ms_per_token", 0.0))
         self.decode_ms = lru_cache(maxsize=1 << 16)(self._decode_ms)
 
     @staticmethod

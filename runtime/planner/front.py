@@ -6,16 +6,18 @@ the rest. So the profile times the whole path: a colocated `epd serve` of the mo
 shape with `max_tokens` 1, and the server process's own CPU time (every thread; its instances are other
 processes) is read from /proc before and after. Its idle CPU (the router's poll loop) is subtracted.
 Streaming is timed the same way, on a burst of concurrent streams (whose outputs the router batches, as
-under load), with the client's parsing (this process's CPU) counted too.
+under load); the client's parsing (this process's CPU, an asyncio client like the benchmark's) is counted
+apart, because the client is its own process: it takes cores, not the API server's time.
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
 import statistics
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -25,7 +27,7 @@ from runtime.cluster.server_process import free_port, spawn_server, stop, wait_h
 log = logging.getLogger(__name__)
 REPEATS = 3
 IDLE_S = 1.0
-STREAMS, STREAM_TOKENS = 8, 32
+STREAMS, STREAM_TOKENS = 16, 32
 
 
 def cpu_ms(pid: int) -> float:
@@ -84,30 +86,42 @@ class FrontMeter:
         log.info("API server CPU per request: %s ms", ", ".join(f"{r:.1f}" for r in runs))
         return statistics.median(runs)
 
-    def _burst(self, tokens: int) -> float:
+    def _burst(self, tokens: int) -> tuple[float, float]:
+        """CPU ms of the server and of this client over STREAMS concurrent streams of `tokens` tokens, read
+        with an asyncio client as the benchmark client reads them."""
         body = {"model": self.model, "messages": [{"role": "user", "content": "Tell me a story."}],
                 "max_tokens": tokens, "ignore_eos": True, "temperature": 0, "stream": True}
 
-        def stream(_: int) -> None:
-            with self.client.stream("POST", "/v1/chat/completions", json=body) as reply:
+        async def stream(client: httpx.AsyncClient) -> None:
+            async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
                 reply.raise_for_status()
-                for _line in reply.iter_lines():
-                    pass
+                async for line in reply.aiter_lines():
+                    if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                        json.loads(line[5:])
+
+        async def burst() -> None:
+            async with httpx.AsyncClient(base_url=self.url, timeout=self.client.timeout) as client:
+                await asyncio.gather(*(stream(client) for _ in range(STREAMS)))
 
         c0, mine0, t0 = cpu_ms(self.proc.pid), time.process_time(), time.perf_counter()
-        with ThreadPoolExecutor(STREAMS) as pool:
-            list(pool.map(stream, range(STREAMS)))
+        asyncio.run(burst())
         wall, mine = time.perf_counter() - t0, (time.process_time() - mine0) * 1000.0
-        return cpu_ms(self.proc.pid) - c0 - self.idle_ms_per_s * wall + mine
+        return cpu_ms(self.proc.pid) - c0 - self.idle_ms_per_s * wall, mine
 
-    def stream_ms_per_token(self) -> float:
-        """Server and client CPU per streamed token: bursts of STREAMS concurrent streams of STREAM_TOKENS
-        tokens, less the same bursts of one token (their requests' own cost); the median of REPEATS."""
+    def stream_costs(self) -> tuple[float, float]:
+        """CPU per streamed token of the API server and of the client: bursts of STREAMS concurrent streams
+        of STREAM_TOKENS tokens, less the same bursts of one token (their requests' own cost); the median of
+        REPEATS for each."""
         self._burst(2)
-        runs = [(self._burst(STREAM_TOKENS) - self._burst(1)) / (STREAMS * (STREAM_TOKENS - 1))
-                for _ in range(REPEATS)]
-        log.info("API server and client CPU per streamed token: %s ms", ", ".join(f"{r:.3f}" for r in runs))
-        return max(0.0, statistics.median(runs))
+        server, client = [], []
+        for _ in range(REPEATS):
+            (s_long, c_long), (s_one, c_one) = self._burst(STREAM_TOKENS), self._burst(1)
+            per = STREAMS * (STREAM_TOKENS - 1)
+            server.append((s_long - s_one) / per)
+            client.append((c_long - c_one) / per)
+        log.info("CPU per streamed token, API server: %s ms; client: %s ms",
+                 ", ".join(f"{r:.3f}" for r in server), ", ".join(f"{r:.3f}" for r in client))
+        return max(0.0, statistics.median(server)), max(0.0, statistics.median(client))
 
     def close(self) -> None:
         self.client.close()

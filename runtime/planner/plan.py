@@ -106,8 +106,9 @@ def build_plan(args: argparse.Namespace, model_dir: Path, requests: list) -> Pla
     else:
         costs, shapes, data, path = measured_costs(args, model_dir, requests, specs)
     budgets = Budgets(**{k: v for k, v in data.get("budgets", {}).items()})
-    if getattr(args, "stream_ms_per_token", None) is not None:
-        costs.stream_ms_per_token = args.stream_ms_per_token
+    for name in ("stream_ms_per_token", "client_ms_per_token"):
+        if getattr(args, name, None) is not None:
+            setattr(costs, name, getattr(args, name))
     planner = Planner(shapes, costs, Slo.from_args(args), resources(args), budgets,
                       args.burstiness, args.seed, args.max_concurrency)
     keep = args.simulate_top if args.gpus else None

@@ -9,8 +9,9 @@ least disturbed by other programs on the machine, as in runtime/engine/calibrate
 - front: the API server process's CPU for one request of each shape, through a real `epd serve` and HTTP
   (runtime/planner/front.py: body, JSON, image decode, patchify, tokenize, the router's hand-over), the
   median of a few requests;
-- stream: the CPU one streamed token costs the API server and the client, through the same server (without
-  /proc: a microbenchmark of wire encode, zmq, the SSE chunk's JSON and its parse, a lower bound).
+- stream: the CPU one streamed token costs the API server (`stream_ms_per_token`) and, apart, the client
+  (`client_ms_per_token`), through the same server (without /proc: a microbenchmark of wire encode, zmq,
+  the SSE chunk's JSON and its parse for the server, a lower bound, and 0 for the client).
 Measurements the cache lacks (a new image size, say) are taken and added when first needed.
 """
 from __future__ import annotations
@@ -190,9 +191,9 @@ class Profiler:
     def transfers(self) -> None:
         if "transfer" not in self.data:
             self.data["transfer"] = {name: fit_transfer(name) for name in ("shm", "zmq")}
-        if "stream_ms_per_token" not in self.data:
-            self.data["stream_ms_per_token"] = self.meter().stream_ms_per_token() if can_measure() \
-                else stream_ms_per_token()
+        if "client_ms_per_token" not in self.data:  # profiles before it held server and client as one figure
+            server, client = self.meter().stream_costs() if can_measure() else (stream_ms_per_token(), 0.0)
+            self.data["stream_ms_per_token"], self.data["client_ms_per_token"] = server, client
 
 
 def stream_ms_per_token(tokens: int = 200) -> float:

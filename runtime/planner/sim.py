@@ -2,9 +2,11 @@
 
 What it models, as the code does it (runtime/cluster/router.py, runtime/engine/scheduler.py):
 - a client that sends each request at its arrival time, at most `max_concurrency` in flight;
-- the API server process as one FIFO worker (the GIL): it preprocesses each request (`front_ms`) and
-  streams every token the engines emit (`stream_ms_per_token`: router, SSE and client work), so a
-  token reaches the client when the API server has passed it on;
+- the API server process as two FIFO threads, as it runs: the preprocess thread (`front_ms` per request:
+  body, images, tokens, the pixel hand-over) and the event loop, which streams every token the engines
+  emit (`stream_ms_per_token`: the router's output path and SSE); then the client, its own process, parses
+  each token (`client_ms_per_token`). A token counts as received when the client has parsed it. All three
+  take their CPU from the same cores as the instances;
 - the router: P by least in-flight work, each image of a P without E to the E instance with the
   least outstanding encode tokens, D (after a P-only prefill) by least in-flight work;
 - per instance an encoder worker (batches image jobs FIFO up to `encode_token_budget`; in a hybrid it
@@ -14,7 +16,7 @@ What it models, as the code does it (runtime/cluster/router.py, runtime/engine/s
 - transfers (pixels, embeddings, KV) as delays of `transfer_ms(bytes)`;
 - the SLO as `epd bench` checks it: TTFT <= target and the p90 of the request's own inter-token gaps <= target.
 What it leaves out: prefix and encoder cache hits (workloads with distinct images and prompts),
-KV-pool exhaustion and preemption, and the client's own CPU.
+KV-pool exhaustion and preemption, and the GIL the two API-server threads share.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ class Costs(Protocol):
 
     kv_bytes_per_token: int
     embed_bytes_per_token: int
-    stream_ms_per_token: float
+    stream_ms_per_token: float  # the API server's event loop, per streamed token
+    client_ms_per_token: float  # the benchmark client, per token it parses
 
     def encode_ms(self, image_tokens: Sequence[int], threads: int) -> float: ...
     def prefill_ms(self, tokens: int, threads: int) -> float: ...
@@ -92,6 +95,31 @@ class Node:
                     or self.adopting or self.inflight)
 
 
+@dataclass(eq=False)
+class Fifo:
+    """One thread doing its jobs in order: the API server's preprocess thread, its event loop, the client."""
+
+    clock: Clock
+    queue: deque = field(default_factory=deque)  # (ms of work, callback when done)
+    busy: bool = False
+
+    def put(self, work_ms: float, done: Callable[[], None]) -> None:
+        self.queue.append((work_ms, done))
+        self._poll()
+
+    def _poll(self) -> None:
+        if self.busy or not self.queue:
+            return
+        work, done = self.queue.popleft()
+        self.busy = True
+        self.clock.start(work, 1, lambda: self._done(done))
+
+    def _done(self, done: Callable[[], None]) -> None:
+        self.busy = False
+        done()
+        self._poll()
+
+
 @dataclass(frozen=True)
 class Outcome:
     ttft_ms: tuple[float, ...]  # per finished request
@@ -125,9 +153,9 @@ class Simulation:
         self.nodes = [Node(name, frozenset(roles), threads) for name, roles, threads in nodes]
         self.flights: list[Flight] = []
         self.backlog: deque[Flight] = deque()  # sent by nobody yet: the client's concurrency cap
-        self.front: deque = deque()  # ("request", flight) or ("tokens", flights)
-        self.front_busy = False
+        self.prep, self.loop, self.client = Fifo(self.clock), Fifo(self.clock), Fifo(self.clock)
         self.stream_ms = float(getattr(costs, "stream_ms_per_token", 0.0))
+        self.client_ms = float(getattr(costs, "client_ms_per_token", 0.0))
         self.in_client = 0
         self.switches = 0
         self.on_switch: Callable[[Node, frozenset[str]], None] | None = None
@@ -147,36 +175,22 @@ class Simulation:
             return
         self.in_client += 1
         f.sent = self.clock.now
-        self.front.append(("request", f))
-        self._poll_front()
-
-    def _poll_front(self) -> None:
-        if self.front_busy or not self.front:
-            return
-        kind, item = self.front.popleft()
-        self.front_busy = True
-        work = item.spec.front_ms if kind == "request" else self.stream_ms * len(item)
-        self.clock.start(work, 1, lambda: self._front_done(kind, item))
-
-    def _front_done(self, kind: str, item) -> None:
-        self.front_busy = False
-        if kind == "request":
-            self._dispatch(item)
-        else:
-            for f in item:
-                f.tokens.append(self.clock.now)
-        self._poll_front()
+        self.prep.put(f.spec.front_ms, lambda: self._dispatch(f))
 
     def _emit(self, flights: list[Flight]) -> None:
-        """Tokens sampled now reach the client once the API server has streamed them."""
+        """Tokens sampled now reach the client once the API server has streamed them and the client parsed them."""
         for f in flights:
             f.generated += 1
-        if not self.stream_ms:
+        n = len(flights)
+
+        def received() -> None:
             for f in flights:
                 f.tokens.append(self.clock.now)
-            return
-        self.front.append(("tokens", flights))
-        self._poll_front()
+
+        def streamed() -> None:
+            self.client.put(self.client_ms * n, received) if self.client_ms else received()
+
+        self.loop.put(self.stream_ms * n, streamed) if self.stream_ms else streamed()
 
     def _finish(self, f: Flight, node: Node) -> None:
         node.running.remove(f) if f in node.running else None
