@@ -21,7 +21,7 @@ import zmq
 
 from runtime.cluster.instance import InstanceConfig
 from runtime.cluster.launcher import Launcher, describe
-from runtime.cluster.role_switch import role_str
+from runtime.cluster.role_switch import SwitchPolicy, role_str
 from runtime.cluster.router import Router
 from runtime.cluster.topology import Topology, parse_topology
 from runtime.cluster.transfer import make_transfer, sweep_segments
@@ -42,10 +42,11 @@ class Deployment:
     def __init__(self, model: str | Path, instances: str | Topology = "EPD", *, transfer: str = "shm",
                  ready_timeout_s: float = 300.0, max_waiting_requests: int | None = None,
                  ray: str | None = None, placement_timeout_s: float = 60.0, move_chooser: Any = None,
-                 **engine_overrides: Any) -> None:
+                 switch_policy: SwitchPolicy | None = None, **engine_overrides: Any) -> None:
         """`ray`: place the instances on a Ray cluster (`auto`, `HOST:PORT`, `ray://HOST:PORT`, or `local`
         for a private one); without it they are child processes here and Ray is not imported.
-        `move_chooser`: under `role_switching`, a `role_switch.MoveChooser` in place of the queue rule."""
+        `move_chooser`: under `role_switching`, a `role_switch.MoveChooser` in place of the queue rule;
+        `switch_policy`: the switcher's thresholds and checks (default `SwitchPolicy()`)."""
         self.model_path = str(model)
         self.topology = instances if isinstance(instances, Topology) else parse_topology(instances)
         self.processor = Processor(model)
@@ -83,7 +84,7 @@ class Deployment:
         if engine_overrides.get("role_switching"):  # every instance loads both towers (role_engine.py)
             from runtime.cluster.role_switch import RoleSwitcher
 
-            self.router.switcher = RoleSwitcher(self.router, chooser=move_chooser)
+            self.router.switcher = RoleSwitcher(self.router, switch_policy, move_chooser)
         self._ready: set[str] = set()
         self._all_ready = threading.Event()
         self.router.ready_event = self._on_ready
