@@ -32,7 +32,8 @@ from runtime.engine.calibrate import best_ms
 from runtime.planner.front import FrontMeter, can_measure
 
 log = logging.getLogger(__name__)
-VERSION = 3  # 2: LM stages at the table's thread count (v1 ran them at every core); 3: front and stream via HTTP
+VERSION = 4  # 2: LM stages at the table's thread count (v1 ran them at every core); 3: front and stream via HTTP;
+# 4: decode rows with every request running through the timed steps
 THREADS_KEY = "threads"
 PREFILL_TOKENS = (16, 64, 256, 512, 1024, 2048)
 DECODE_BATCHES = (1, 4, 16, 32, 64)
@@ -152,16 +153,21 @@ class Profiler:
         return best_ms(one)
 
     def _decode(self, batch: int, ctx: float) -> float:
+        """One step of `batch` running requests at context `ctx`. Their outputs are long enough that none ends
+        while the steps are timed: the budget prefills them in waves, so with short outputs the first wave
+        finished early and the "batch of 64" steps ran 16 to 48 rows (profile version 3 read 64 as ~16)."""
         eng = self.engine
-        for _ in range(batch):
-            self._submit(int(ctx), DECODE_STEPS + 2)
+        rids = [self._submit(int(ctx), DECODE_STEPS + 2 + batch) for _ in range(batch)]
         while any(not r.output_ids for r in eng.reqs.values()):
             eng.step()
         times = []
         for _ in range(DECODE_STEPS):
+            assert len(eng.scheduler.running) == batch, (len(eng.scheduler.running), batch)
             t0 = time.perf_counter()
             eng.step()
             times.append((time.perf_counter() - t0) * 1000.0)
+        for rid in rids:
+            eng.abort(rid)
         self._drain()
         log.info("profiled decode batch %d context %d: %.2f ms", batch, ctx, min(times))
         return min(times)
