@@ -184,3 +184,24 @@ def test_on_accelerators_a_hybrids_encoder_and_lm_share_its_device_only():
     clock.start(100.0, 1, lambda: done.append(("b", clock.now)), b)
     clock.run()
     assert sorted(done) == [("a1", pytest.approx(200.0)), ("a2", pytest.approx(200.0)), ("b", pytest.approx(100.0))]
+
+
+@dataclass
+class ByContext(Fixed):
+    """A decode step costs its context in ms; `decode_context` says which context the backend pays for."""
+
+    decode_context: str = "mean"
+
+    def decode_ms(self, batch, context, threads):
+        return float(context)
+
+
+def test_a_padded_decode_step_costs_the_longest_context_and_a_ragged_one_the_mean():
+    # A 10-token prompt is prefilled alone [0, 100]. A 30-token one arrives at 50 and is prefilled beside the
+    # first one's decode step (context 11): [100, 211]. The next step decodes both, at contexts 12 and 31:
+    # padded (as our CPU SDPA pads every row) it costs the longest, 31 ms; ragged, the mean, 21 ms.
+    reqs = [SimRequest(0.0, (), 10, 3), SimRequest(50.0, (), 30, 2)]
+    for padding, third in (("max", 242.0), ("mean", 232.0)):
+        sim = Simulation(EPD, ByContext(prefill=100.0, decode_context=padding), one_at_a_time(40), cores=None)
+        sim.run(reqs, LOOSE)
+        assert [f.tokens for f in sim.flights] == [pytest.approx([100, 211, third]), pytest.approx([211, third])]

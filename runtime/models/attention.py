@@ -117,6 +117,7 @@ class AttentionBackend:
     """Interface: plan once per forward, then call per layer."""
 
     name = "base"
+    decode_cost_by = "mean"  # a decode step's attention work grows with the mean context, or the "max" (padded)
 
     def plan(self, batch: ForwardBatch, page_size: int, device: torch.device) -> AttnPlan:
         raise NotImplementedError
@@ -159,6 +160,7 @@ class SdpaBackend(AttentionBackend):
     K/V and the causal kernel) or one padded, masked call for the whole batch (`padded`)."""
 
     name = "sdpa"
+    decode_cost_by = "max"  # every row is padded to the longest context
 
     def __init__(self, prefill_mode: str = "ragged") -> None:
         if prefill_mode not in ("ragged", "padded"):

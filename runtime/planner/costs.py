@@ -49,6 +49,7 @@ class ProfileCosts:
         self.embed_bytes_per_token = int(profile["embed_bytes_per_token"])
         self.stream_ms_per_token = float(profile.get("stream_ms_per_token", 0.0))
         self.client_ms_per_token = float(profile.get("client_ms_per_token", 0.0))
+        self.decode_context = str(profile.get("decode_context", "mean"))  # "max": padded to the longest
         self.decode_ms = lru_cache(maxsize=1 << 16)(self._decode_ms)
 
     @staticmethod

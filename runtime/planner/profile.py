@@ -4,7 +4,8 @@ Every figure is the best of a few timed runs after a warm-up, in ms, per torch t
 least disturbed by other programs on the machine, as in runtime/engine/calibrate.py):
 - encode: the vision tower on real images of the workload, by image tokens and batch size;
 - prefill: one engine step (forward and sampling) over a prompt of N tokens;
-- decode: one engine step of B running requests at context C;
+- decode: one engine step of B running requests at context C (and whether the attention backend's cost
+  follows the batch's mean context or, padded, its longest: `decode_context`);
 - transfer: hand-over of N bytes on each data plane (shm, zmq), fitted as fixed + per-byte;
 - front: the API server process's CPU for one request of each shape, through a real `epd serve` and HTTP
   (runtime/planner/front.py: body, JSON, image decode, patchify, tokenize, the router's hand-over), the
@@ -36,7 +37,7 @@ VERSION = 4  # 2: LM stages at the table's thread count (v1 ran them at every co
 # 4: decode rows with every request running through the timed steps
 THREADS_KEY = "threads"
 PREFILL_TOKENS = (16, 64, 256, 512, 1024, 2048)
-DECODE_BATCHES = (1, 4, 16, 32, 64)
+DECODE_BATCHES = (1, 4, 16, 32, 64, 128)
 DECODE_CONTEXTS = (128, 1024)
 ENCODE_BATCHES = (1, 2, 4)
 DECODE_STEPS = 4
@@ -100,6 +101,7 @@ class Profiler:
         per_token = 2 * kv.num_layers * kv.k.shape[2] * kv.k.shape[3] * kv.k.element_size()
         data["kv_bytes_per_token"] = int(per_token)
         data["embed_bytes_per_token"] = int(self.engine.model.config.hidden_size * 4)
+        data["decode_context"] = self.engine.model.backend.decode_cost_by
 
     def table(self, threads: int) -> dict[str, Any]:
         t = self.data[THREADS_KEY].setdefault(str(threads), {})

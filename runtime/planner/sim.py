@@ -164,6 +164,7 @@ class Simulation:
         self.prep, self.loop, self.client = Fifo(self.clock), Fifo(self.clock), Fifo(self.clock)
         self.stream_ms = float(getattr(costs, "stream_ms_per_token", 0.0))
         self.client_ms = float(getattr(costs, "client_ms_per_token", 0.0))
+        self.padded = getattr(costs, "decode_context", "mean") == "max"
         self.in_client = 0
         self.switches = 0
         self.on_switch: Callable[[Node, frozenset[str]], None] | None = None
@@ -276,12 +277,19 @@ class Simulation:
         chunks = self._prefill_chunks(n) if "P" in n.roles else []
         if not decode and not chunks:
             return
-        ctx = sum(f.spec.prompt_len + f.generated for f in decode) // len(decode) if decode else 0
+        ctx = self._context(decode)
         work = self.costs.decode_ms(len(decode), ctx, n.threads) if decode else 0.0
         if chunks:
             work += self.costs.prefill_ms(sum(k for _, k in chunks), n.threads)
         n.lm_busy = True
         self.clock.start(work, n.threads, lambda: self._stepped(n, decode, chunks), n)
+
+    def _context(self, decode: list[Flight]) -> int:
+        """The context a decode step's cost is read at: the batch's mean, or its longest where attention pads."""
+        if not decode:
+            return 0
+        lens = [f.spec.prompt_len + f.generated for f in decode]
+        return max(lens) if self.padded else sum(lens) // len(lens)
 
     def _prefill_chunks(self, n: Node) -> list[tuple[Flight, int]]:
         chunks: list[tuple[Flight, int]] = []
