@@ -56,7 +56,8 @@ class Clock:
         job = Job(max(0.0, work_ms), max(1, threads), done, device, since=self.now)
         self._jobs.append(job)
         self._busy_threads += job.threads
-        self._sharers(job).append(job) if self._shares_device(job) else None
+        if self._shares_device(job):
+            self._sharers(job).append(job)
         self._reshare(job)
 
     def _shares_device(self, job: Job) -> bool:

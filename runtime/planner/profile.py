@@ -122,7 +122,7 @@ class Profiler:
         for ctx in DECODE_CONTEXTS:
             row = t["decode_ms"].setdefault(str(ctx), {})
             for b in DECODE_BATCHES:
-                if str(b) not in row:
+                if str(b) not in row and self._fits(b, ctx):
                     row[str(b)] = self._decode(b, ctx)
         return json.dumps(t, sort_keys=True) != before
 
@@ -154,17 +154,28 @@ class Profiler:
         log.info("profiling prefill of %d tokens", n)
         return best_ms(one)
 
+    @staticmethod
+    def _decode_len(batch: int) -> int:
+        return DECODE_STEPS + 2 + batch
+
+    def _fits(self, batch: int, ctx: float) -> bool:
+        """Whether the KV pool holds `batch` requests at `ctx` to the end of their outputs (else the point is
+        left out, and costs past the last measured batch extend along the last segment)."""
+        per_request = int(ctx) + self._decode_len(batch) + self.engine.config.page_size  # a partly used last page
+        return batch * per_request <= self.engine.kv_pool.k.shape[1]
+
     def _decode(self, batch: int, ctx: float) -> float:
         """One step of `batch` running requests at context `ctx`. Their outputs are long enough that none ends
         while the steps are timed: the budget prefills them in waves, so with short outputs the first wave
         finished early and the "batch of 64" steps ran 16 to 48 rows (profile version 3 read 64 as ~16)."""
         eng = self.engine
-        rids = [self._submit(int(ctx), DECODE_STEPS + 2 + batch) for _ in range(batch)]
+        rids = [self._submit(int(ctx), self._decode_len(batch)) for _ in range(batch)]
         while any(not r.output_ids for r in eng.reqs.values()):
             eng.step()
         times = []
         for _ in range(DECODE_STEPS):
-            assert len(eng.scheduler.running) == batch, (len(eng.scheduler.running), batch)
+            if len(eng.scheduler.running) != batch:
+                raise RuntimeError(f"profiling decode: {len(eng.scheduler.running)} of {batch} requests running")
             t0 = time.perf_counter()
             eng.step()
             times.append((time.perf_counter() - t0) * 1000.0)
