@@ -82,3 +82,19 @@ def test_no_requests_in_the_window_means_no_move():
 def test_serve_uses_the_planner_only_with_a_cached_profile(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("EPD_CACHE_DIR", str(tmp_path))
     assert planned_moves(tiny_model_dir, parse_topology("E,P,D")) is None
+
+
+def test_the_queue_rule_decides_when_the_router_ticks_later_than_its_checks(monkeypatch):
+    # Checks every 0.1 s over a 0.5 s window, but the router's loop ticks every 0.14 s: the samples must still
+    # cover the whole window (they once spanned 0.42 s of it at most, and the rule never fired).
+    policy = SwitchPolicy(check_s=0.1, window_s=0.5, high=2.0, low=0.5, decode_batch=1)
+    views = {name: InstanceView(name, frozenset(name[0])) for name in ("E0", "E1", "P2", "D3")}
+    switcher = RoleSwitcher(types.SimpleNamespace(views=views), policy)
+    clock, made = [0.0], []
+    monkeypatch.setattr("runtime.cluster.role_switch.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr(switcher, "pressures", lambda: {"E": 0.0, "P": 0.0, "D": 16.0})
+    monkeypatch.setattr(switcher, "begin", lambda *move: made.append(move))
+    for i in range(1, 12):
+        clock[0] = 0.14 * i
+        switcher.tick()
+    assert made and made[0][0] in ("E0", "E1") and made[0][1] == frozenset("D"), made

@@ -95,9 +95,13 @@ class RoleSwitcher:
         self.last_check = now
         self._advance_pending()
         self.samples.append((now, self.pressures()))
-        for window in (self.samples, self.arrivals):
-            while window and window[0][0] < now - self.policy.window_s:
-                window.popleft()
+        start = now - self.policy.window_s
+        # keep the last sample at or before the window's start, so that the samples span the whole window
+        # however late the router's loop ticks (a span short of it by one late tick never decided)
+        while len(self.samples) > 1 and self.samples[1][0] <= start:
+            self.samples.popleft()
+        while self.arrivals and self.arrivals[0][0] < start:
+            self.arrivals.popleft()
         if self.pending or now - self.last_switch < self.policy.cooldown_s:
             return
         move = self.decide() if self.chooser is None else self.planned()
@@ -105,7 +109,7 @@ class RoleSwitcher:
             self.begin(*move)
 
     def decide(self) -> tuple[str, frozenset[str], str] | None:
-        if not self.samples or self.samples[-1][0] - self.samples[0][0] < self.policy.window_s * 0.9:
+        if not self.samples or self.samples[-1][0] - self.samples[0][0] < self.policy.window_s:
             return None
         hot = [role for role in ROLES if all(p[role] >= self.policy.high for _, p in self.samples)]
         cold = [role for role in ROLES if all(p[role] <= self.policy.low for _, p in self.samples)]
