@@ -23,6 +23,9 @@ class Fixed:
     transfer: float = 0.0
     kv_bytes_per_token: int = 0
     embed_bytes_per_token: int = 0
+    stream_ms_per_token: float = 0.0
+    client_ms_per_token: float = 0.0
+    decode_context: str = "mean"
 
     def encode_ms(self, image_tokens, threads):
         return self.encode * len(image_tokens)
@@ -189,8 +192,6 @@ def test_on_accelerators_a_hybrids_encoder_and_lm_share_its_device_only():
 @dataclass
 class ByContext(Fixed):
     """A decode step costs its context in ms; `decode_context` says which context the backend pays for."""
-
-    decode_context: str = "mean"
 
     def decode_ms(self, batch, context, threads):
         return float(context)

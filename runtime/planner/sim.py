@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-import numpy as np
 
 from runtime.config import EngineConfig, Slo
 from runtime.planner.clock import Clock
@@ -38,6 +37,7 @@ class Costs(Protocol):
     embed_bytes_per_token: int
     stream_ms_per_token: float  # the API server's event loop, per streamed token
     client_ms_per_token: float  # the benchmark client, per token it parses
+    decode_context: str  # "mean": a decode step costs the batch's mean context; "max": its longest (padded)
 
     def encode_ms(self, image_tokens: Sequence[int], threads: int) -> float: ...
     def prefill_ms(self, tokens: int, threads: int) -> float: ...
@@ -135,7 +135,7 @@ class Outcome:
         return self.met / self.total if self.total else 0.0
 
     def p90(self, values: Sequence[float]) -> float:
-        return float(np.percentile(values, 90)) if values else float("nan")
+        return p90(values) if values else float("nan")
 
 
 def p90(values: Sequence[float]) -> float:
@@ -162,9 +162,9 @@ class Simulation:
         self.flights: list[Flight] = []
         self.backlog: deque[Flight] = deque()  # sent by nobody yet: the client's concurrency cap
         self.prep, self.loop, self.client = Fifo(self.clock), Fifo(self.clock), Fifo(self.clock)
-        self.stream_ms = float(getattr(costs, "stream_ms_per_token", 0.0))
-        self.client_ms = float(getattr(costs, "client_ms_per_token", 0.0))
-        self.padded = getattr(costs, "decode_context", "mean") == "max"
+        self.stream_ms = costs.stream_ms_per_token
+        self.client_ms = costs.client_ms_per_token
+        self.padded = costs.decode_context == "max"
         self.in_client = 0
         self.switches = 0
         self.on_switch: Callable[[Node, frozenset[str]], None] | None = None
