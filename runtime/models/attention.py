@@ -155,12 +155,12 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tens
 
 
 class SdpaBackend(AttentionBackend):
-    """torch SDPA. Decode is one padded, masked call. Prefill is one SDPA call per sequence
+    """torch SDPA. Decode is one padded, masked call per group of rows of similar context (`_decode_groups`).
+    Prefill is one SDPA call per sequence
     (`ragged`, the default: no padding waste, and prompts without a cached prefix use the fresh
     K/V and the causal kernel) or one padded, masked call for the whole batch (`padded`)."""
 
     name = "sdpa"
-    decode_cost_by = "max"  # every row is padded to the longest context
 
     def __init__(self, prefill_mode: str = "ragged") -> None:
         if prefill_mode not in ("ragged", "padded"):
@@ -171,9 +171,7 @@ class SdpaBackend(AttentionBackend):
         plan = _base_plan(batch, page_size, device)
         prefix, ext, lens, max_q = plan.prefix_lens, plan.extend_lens, plan.seq_lens, plan.max_q
         if batch.is_decode:
-            pages = plan.block_tables.clamp_min(0)  # padding reads page 0, masked out
-            plan.extra["pages"] = pages
-            plan.mask = _padded_mask(prefix, ext, lens, max_q, device, width=pages.shape[1] * page_size)
+            plan.extra["groups"] = _decode_groups(plan, device)
         elif self.prefill_mode == "padded":
             plan.mask = _padded_mask(prefix, ext, lens, max_q, device)
             plan.q_dest = _padded_rows(ext, max_q, device)
@@ -182,13 +180,13 @@ class SdpaBackend(AttentionBackend):
         return plan
 
     def decode(self, q, k_pool, v_pool, plan):
-        b, h, d = q.shape
-        pages, ps = plan.extra["pages"], plan.page_size
-        k, v = gather_pages(k_pool, pages, ps), gather_pages(v_pool, pages, ps)  # [B, Hkv, Lk, D]
-        # The query heads sharing a KV head become that head's query rows: no GQA expansion, and
-        # the CPU kernel gets several rows per (sequence, head) instead of one.
-        out = _sdpa(q.view(b, k.shape[1], -1, d), k, v, attn_mask=plan.mask)
-        return out.reshape(b, h, d)
+        groups = plan.extra["groups"]
+        if len(groups) == 1:
+            return _decode_group(q, k_pool, v_pool, groups[0], plan.page_size)
+        out = torch.empty_like(q)
+        for g in groups:
+            out.index_copy_(0, g.rows, _decode_group(q.index_select(0, g.rows), k_pool, v_pool, g, plan.page_size))
+        return out
 
     def prefill(self, q, k, v, k_pool, v_pool, plan):
         if self.prefill_mode == "padded":
@@ -264,6 +262,69 @@ def _segment_rows(lens: list[int], width: int, device: torch.device) -> tuple[to
     valid = col < lens_t[:, None]
     rows = torch.where(valid, starts + col, torch.zeros_like(col)).reshape(-1)
     return rows, None if bool(valid.all()) else valid[:, None, None, :]
+
+
+@dataclass
+class DecodeGroup:
+    """Decode rows padded to one width: `rows` of the batch (None: all, in order), their `pages`
+    `[n, width]` (padding reads page 0) and the key mask `[n, 1, 1, width * page_size]`."""
+
+    rows: torch.Tensor | None
+    pages: torch.Tensor
+    mask: torch.Tensor
+
+
+DECODE_PAD_SLACK = 1.25  # a group's padded pages may exceed its rows' own pages by this factor,
+DECODE_PAD_FREE = 2048  # or by this many tokens: below it, another group's calls cost more than the copy
+MAX_DECODE_GROUPS = 4  # each group costs two gathers and one SDPA call per layer
+
+
+def group_by_length(pages: list[int], slack: float = DECODE_PAD_SLACK, free: int = 0,
+                    limit: int = MAX_DECODE_GROUPS) -> list[list[int]]:
+    """Row indices in at most `limit` groups, longest first. A row joins the current group while padding
+    the group to its longest row wastes at most `slack` x its rows' pages or `free` pages (the last
+    group takes whatever is left)."""
+    order = sorted(range(len(pages)), key=lambda i: -pages[i])
+    groups: list[list[int]] = []
+    total = 0
+    for i in order:
+        g = groups[-1] if groups else None
+        area, used = (pages[g[0]] * (len(g) + 1), total + pages[i]) if g else (0, 0)
+        if g is not None and (len(groups) == limit or area <= slack * used or area - used <= free):
+            g.append(i)
+            total = used
+        else:
+            groups.append([i])
+            total = pages[i]
+    return groups
+
+
+def _decode_groups(plan: AttnPlan, device: torch.device) -> list[DecodeGroup]:
+    """One padded SDPA call over a batch whose contexts differ widely would cost batch x longest context;
+    grouped, a step costs about the sum of its contexts."""
+    ps, lens = plan.page_size, plan.seq_lens
+    groups = group_by_length([-(-n // ps) for n in lens], free=DECODE_PAD_FREE // ps)
+    if len(groups) == 1:
+        groups = [list(range(len(lens)))]  # the batch's own order: no reordering of q or the output
+    out = []
+    for g in groups:
+        width = -(-max(lens[i] for i in g) // ps)
+        rows = None if len(groups) == 1 else torch.tensor(g, device=device)
+        table = plan.block_tables if rows is None else plan.block_tables.index_select(0, rows)
+        sub = [lens[i] for i in g]
+        mask = _padded_mask([n - 1 for n in sub], [1] * len(g), sub, 1, device, width=width * ps)
+        out.append(DecodeGroup(rows, table[:, :width].clamp_min(0), mask))
+    return out
+
+
+def _decode_group(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, g: DecodeGroup,
+                  page_size: int) -> torch.Tensor:
+    b, h, d = q.shape
+    k, v = gather_pages(k_pool, g.pages, page_size), gather_pages(v_pool, g.pages, page_size)  # [n, Hkv, Lk, D]
+    # The query heads sharing a KV head become that head's query rows: no GQA expansion, and
+    # the CPU kernel gets several rows per (sequence, head) instead of one.
+    out = _sdpa(q.view(b, k.shape[1], -1, d), k, v, attn_mask=g.mask)
+    return out.reshape(b, h, d)
 
 
 class FlashAttnBackend(AttentionBackend):

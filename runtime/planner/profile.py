@@ -33,8 +33,8 @@ from runtime.engine.calibrate import best_ms
 from runtime.planner.front import FrontMeter, can_measure
 
 log = logging.getLogger(__name__)
-VERSION = 4  # 2: LM stages at the table's thread count (v1 ran them at every core); 3: front and stream via HTTP;
-# 4: decode rows with every request running through the timed steps
+VERSION = 5  # 2: LM stages at the table's thread count (v1 ran them at every core); 3: front and stream via HTTP;
+# 4: decode rows with every request running through the timed steps; 5: SDPA decode grouped by context (mean)
 THREADS_KEY = "threads"
 PREFILL_TOKENS = (16, 64, 256, 512, 1024, 2048)
 DECODE_BATCHES = (1, 4, 16, 32, 64, 128)
