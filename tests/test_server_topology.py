@@ -4,6 +4,7 @@ every instance process and shared-memory segment with it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +60,10 @@ def test_openai_client_on_e_p_d_topology(tmp_path, tiny_model_dir):
         for name, roles in (("E0", "E"), ("P0", "P"), ("D0", "D")):
             assert f'epd_instance_inflight{{instance="{name}",roles="{roles}"}} 0.0' in metrics
         assert 'epd_instance_encode_tokens{instance="E0",roles="E"}' in metrics
+        passes = {(name, stage): float(n) for name, stage, n in re.findall(
+            r'epd_instance_stage_passes_total\{instance="(\w+)",roles="\w+",stage="(\w+)"\} (\S+)', metrics)}
+        assert passes == {("E0", "encode"): 1, ("P0", "prefill"): 1, ("D0", "decode"): 9}  # one token from P, 9 on D
+        assert 'epd_instance_stage_seconds_total{instance="D0",roles="D",stage="decode"}' in metrics
     finally:
         stop(proc)
     assert proc.returncode in (0, -signal.SIGTERM), log.read_text()[-2000:]  # uvicorn re-raises the signal

@@ -69,7 +69,8 @@ class Engine:
             self._apply_budgets()
         self.reqs: dict[str, Req] = {}
         self.stats: Counter[str] = Counter()
-        self.stage_seconds: Counter[str] = Counter()
+        self.stage_seconds: Counter[str] = Counter()  # forward-pass time by stage: encode, prefill, mixed, decode
+        self.stage_passes: Counter[str] = Counter()
         self._grammar = None
         overlap = self.config.overlap_encode and None not in (self.model.visual, self.model.lm)
         # Encoder and LM threads each run their own OpenMP team (the thread count is per thread): while
@@ -215,6 +216,7 @@ class Engine:
         t0 = time.perf_counter()
         out = self.runner.encode([im.pixel_values for im in images], [im.grid_thw for im in images])
         self.stage_seconds["encode"] += time.perf_counter() - t0
+        self.stage_passes["encode"] += 1
         return out
 
     def _finish_encode(self, wait: bool) -> bool:
@@ -239,6 +241,7 @@ class Engine:
         decoded = sum(1 for c in chunks if c.generated)
         stage = "decode" if is_decode else "mixed" if decoded else "prefill"
         self.stage_seconds[stage] += time.perf_counter() - t0
+        self.stage_passes[stage] += 1
         self.stats["decode_tokens"] += decoded
         self.stats["prefill_tokens"] += sum(c.num_tokens for c in chunks) - decoded
 
@@ -357,7 +360,12 @@ class Engine:
             "encoder_cache_hit_rate": enc.hits / lookups if lookups else 0.0,
             **({"prefix_cache_hit_rate": radix.hit_rate} if radix is not None else {}),
             "num_preemptions": sched.num_preemptions, "num_requests_in_engine": len(self.reqs),
-        } | {f"stats_{k}": v for k, v in self.stats.items()}
+        } | {f"stats_{k}": v for k, v in self.stats.items()} | self.stage_figures()
+
+    def stage_figures(self) -> dict[str, float]:
+        """`stage_seconds_<stage>` and `stage_passes_<stage>` so far: what serving's steps cost, per stage."""
+        return ({f"stage_seconds_{k}": v for k, v in self.stage_seconds.items()}
+                | {f"stage_passes_{k}": v for k, v in self.stage_passes.items()})
 
     def check_integrity(self) -> None:
         self.kv.check_integrity(self.scheduler.requests())

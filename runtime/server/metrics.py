@@ -41,6 +41,11 @@ class Metrics:
                                   ["src", "dst", "transport"], registry=r)
         self.link_bytes = Gauge("epd_link_bytes", "Bytes of tensors relayed per link", ["src", "dst", "transport"],
                                 registry=r)
+        self.stage_seconds = Gauge("epd_instance_stage_seconds_total",
+                                   "Seconds of forward passes by stage (encode, prefill, mixed, decode) since start",
+                                   ["instance", "roles", "stage"], registry=r)
+        self.stage_passes = Gauge("epd_instance_stage_passes_total", "Forward passes by stage since start",
+                                  ["instance", "roles", "stage"], registry=r)
         self.role_switches = Gauge("epd_role_switches_total", "Instances moved to other roles (--role-switching)",
                                    registry=r)
         self.ready = Gauge("epd_engine_ready", "1 when the engine is loaded and serving", registry=r)
@@ -68,9 +73,14 @@ class Metrics:
             if name in snapshot:
                 gauge.set(snapshot[name])
         for name, info in snapshot.get("instances", {}).items():
+            roles = info.get("roles", "")
             for key, gauge in self.instance.items():
                 if key in info:
-                    gauge.labels(name, info.get("roles", "")).set(info[key])
+                    gauge.labels(name, roles).set(info[key])
+            for key, value in info.items():
+                for prefix, gauge in (("stage_seconds_", self.stage_seconds), ("stage_passes_", self.stage_passes)):
+                    if key.startswith(prefix):
+                        gauge.labels(name, roles, key[len(prefix):]).set(value)
         for key, gauge in self.router.items():
             gauge.set(snapshot.get(f"router_{key}", 0))
         self.role_switches.set(snapshot.get("router_role_switches", 0))
