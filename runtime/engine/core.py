@@ -84,8 +84,7 @@ class Engine:
         self.idle = False
 
     def _apply_budgets(self) -> None:
-        defaults = Budgets(self.config.max_running, self.config.prefill_token_budget,
-                           self.config.encode_token_budget)
+        defaults = Budgets(self.config.max_running, self.config.prefill_token_budget, self.config.encode_tokens)
         b = calibrate(self.model, self.kv_pool, self.kv.allocator, self.config.tpot_target_ms, defaults)
         self.scheduler.max_running = b.max_running
         self.scheduler.prefill_budget = b.prefill_token_budget

@@ -25,7 +25,7 @@ class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVManager, encoder_cache: EncoderCache) -> None:
         self.config, self.kv, self.encoder_cache = config, kv, encoder_cache
         self.prefill_budget = config.prefill_token_budget
-        self.encode_budget = config.encode_token_budget
+        self.encode_budget = config.encode_tokens
         self.max_running = config.max_running
         self.waiting: list[Req] = []
         self.running: list[Req] = []

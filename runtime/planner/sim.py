@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 
-from runtime.config import EngineConfig, Slo
+from runtime.config import ENCODE_TOKENS_ACCELERATOR, EngineConfig, Slo
 from runtime.planner.clock import Clock
 
 
@@ -58,7 +58,7 @@ class SimRequest:
 @dataclass(frozen=True)
 class Budgets:
     prefill_token_budget: int = EngineConfig.prefill_token_budget
-    encode_token_budget: int = EngineConfig.encode_token_budget
+    encode_token_budget: int = ENCODE_TOKENS_ACCELERATOR  # `epd plan --cores` plans with ENCODE_TOKENS_CPU
     max_running: int = EngineConfig.max_running
 
 
