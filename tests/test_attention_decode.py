@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from runtime.models.attention import group_by_length, plan_pass, attend, get_backend
+from runtime.models.attention import attend, get_backend, group_by_length, plan_pass
 from runtime.models.forward_batch import ForwardBatch
 
 PAGE, HKV, H, D = 4, 2, 4, 16

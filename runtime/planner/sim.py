@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-
 from runtime.config import ENCODE_TOKENS_ACCELERATOR, EngineConfig, Slo
 from runtime.planner.clock import Clock
 

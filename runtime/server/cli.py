@@ -49,7 +49,8 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="requests decoding at once, per instance")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="prompt tokens per prefill step (longer prompts are chunked), per instance")
-    p.add_argument("--encode-token-budget", type=int, default=None, help="image tokens per encode batch (default: 256 on CPU, 4096 on an accelerator)")
+    p.add_argument("--encode-token-budget", type=int, default=None,
+                   help="image tokens per encode batch (default: 256 on CPU, 4096 on an accelerator)")
     p.add_argument("--tpot-target-ms", type=float, default=None,
                    help="calibrate the three budgets above at start-up so that a step stays under this TPOT")
     p.add_argument("--no-prefix-cache", action="store_true", help="no radix prefix cache (prompts prefilled whole)")
