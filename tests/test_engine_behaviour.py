@@ -162,8 +162,8 @@ def test_encoder_and_lm_threads_split_the_cores_only_while_both_work(tiny_model_
 
     eng = Engine(tiny_model_dir, num_threads=2, overlap_encode=True)
     seen: list[tuple[str, bool, int]] = []  # (thread, other stage busy, threads it then uses)
-    share = eng._share_threads
-    eng._share_threads = lambda busy: share(busy) or seen.append(
+    share = eng.threads.apply
+    eng.threads.apply = lambda busy: share(busy) or seen.append(
         (threading.current_thread().name, busy, torch.get_num_threads()))
     text = eng.add_request(prompt="a long story " * 8, sampling_params=SamplingParams(max_new_tokens=40))
     for _ in range(3):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections import Counter
@@ -24,6 +23,7 @@ from runtime.engine.model_runner import Chunk, ChunkLogits, ModelRunner
 from runtime.engine.request import Req, Status
 from runtime.engine.sampler import SamplingState, prompt_logprobs, sample
 from runtime.engine.scheduler import Scheduler
+from runtime.engine.threads import ThreadShare
 from runtime.messages import GenerateRequest, RequestOutput
 from runtime.models import load_model
 from runtime.preprocess import Processor
@@ -73,12 +73,9 @@ class Engine:
         self.stage_passes: Counter[str] = Counter()
         self._grammar = None
         overlap = self.config.overlap_encode and None not in (self.model.visual, self.model.lm)
-        # Encoder and LM threads each run their own OpenMP team (the thread count is per thread): while
-        # both work they get half the threads each, or twice as many threads as cores fight.
-        self._threads = torch.get_num_threads()
-        self._split_threads = self.config.device == "cpu" and None not in (self.model.visual, self.model.lm)
+        self.threads = ThreadShare(split=self.config.device == "cpu"
+                                   and None not in (self.model.visual, self.model.lm))
         self._lm_busy = False
-        self._loop_thread = threading.get_ident()  # an encode run inline here has nothing beside it
         self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="encoder") if overlap else None
         self._encode_job: tuple[Future, list] | None = None
         self.idle = False
@@ -174,7 +171,7 @@ class Engine:
         elif self.config.schedule_policy == "prefill-first":
             batches.reverse()
         ran_lm = False
-        self._share_threads(self._encoding_beside())
+        self.threads.apply(self._encoding_beside())
         for chunks, is_decode in batches:
             if chunks:
                 self._run_lm(chunks, is_decode)
@@ -200,18 +197,13 @@ class Engine:
     def set_num_threads(self, n: int) -> None:
         """Every stage uses `n` torch threads from now on (`torch.set_num_threads` alone would be undone at the
         next step, which restores the engine's own count)."""
-        torch.set_num_threads(n)
-        self._threads = n
-
-    def _share_threads(self, other_stage_busy: bool) -> None:
-        if self._split_threads:
-            torch.set_num_threads(max(1, self._threads // 2) if other_stage_busy else self._threads)
+        self.threads.set_total(n)
 
     def _encoding_beside(self) -> bool:
         return self._encode_job is not None and not self._encode_job[0].done()
 
     def _timed_encode(self, images: list) -> list[torch.Tensor]:
-        self._share_threads(self._lm_busy and threading.get_ident() != self._loop_thread)
+        self.threads.apply(self._lm_busy and not self.threads.on_loop_thread())
         t0 = time.perf_counter()
         out = self.runner.encode([im.pixel_values for im in images], [im.grid_thw for im in images])
         self.stage_seconds["encode"] += time.perf_counter() - t0
