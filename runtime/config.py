@@ -9,6 +9,14 @@ ENCODE_TOKENS_ACCELERATOR = 4096
 # On CPU a larger tower batch is no faster per image (448² image: 128 ms alone, 146-156 ms each in batches
 # of 2-8 at 2 threads), and a long pass holds back the first request's prefill and its thread split.
 ENCODE_TOKENS_CPU = 256
+# On CPU a decode step beside the vision tower takes cores from it, and a step of a few rows costs nearly
+# what a full one does (the weights are read either way). At 448², 64 in flight, one-row decode steps every
+# ~5 ms halved the tower's speed (2638 decode passes for 128 requests). Fewer rows than DECODE_WAIT_ROWS
+# wait for the tower, at most DECODE_WAIT_MS_CPU after the last decode step: well inside a 100 ms TPOT.
+DECODE_WAIT_MS_CPU = 50.0
+DECODE_WAIT_ROWS = 16
+# The budgets `epd serve` uses on a CPU host, for the planner's model of it (runtime.planner.sim.Budgets).
+CPU_HOST = {"encode_token_budget": ENCODE_TOKENS_CPU, "decode_wait_ms": DECODE_WAIT_MS_CPU}
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ class EngineConfig:
     encoder_cache_bytes: int = 256 << 20
     tpot_target_ms: float | None = None  # when set, budgets are calibrated at start-up
     overlap_encode: bool = True  # run the vision tower on a second thread beside LM work
+    decode_wait_ms: float | None = None  # a decode-only step waits this long for the tower; None: by device
     load_vision: bool = True
     load_lm: bool = True
     num_threads: int | None = None
@@ -40,6 +49,14 @@ class EngineConfig:
         if self.encode_token_budget is not None:
             return self.encode_token_budget
         return ENCODE_TOKENS_CPU if self.device == "cpu" else ENCODE_TOKENS_ACCELERATOR
+
+    @property
+    def decode_wait_s(self) -> float:
+        """How long after the last decode pass a decode-only step may wait for the encode in flight."""
+        if self.decode_wait_ms is not None:
+            return self.decode_wait_ms / 1e3
+        wait = DECODE_WAIT_MS_CPU if self.device == "cpu" else 0.0
+        return min(wait, self.tpot_target_ms / 2) / 1e3 if self.tpot_target_ms else wait / 1e3
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

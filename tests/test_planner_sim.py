@@ -206,3 +206,21 @@ def test_a_padded_decode_step_costs_the_longest_context_and_a_ragged_one_the_mea
         sim = Simulation(EPD, ByContext(prefill=100.0, decode_context=padding), one_at_a_time(40), cores=None)
         sim.run(reqs, LOOSE)
         assert [f.tokens for f in sim.flights] == [pytest.approx([100, 211, third]), pytest.approx([211, third])]
+
+
+def test_a_few_decode_rows_wait_for_the_encoder_beside_them_as_the_engine_does():
+    # Four cores, so nothing shares. A (text, 1 row) prefills [0, 10] and decodes every 10 ms; B's image
+    # encodes [25, 125] beside it. With a
+    # 60 ms wait, the step after the one ending at 30 waits until 90 (ends 100); the next waits for the
+    # encode, which ends at 125, when A's row rides in B's prefill: [125, 145]. Without it A never waits.
+    def token_times(wait_ms):
+        sim = Simulation(EPD, Fixed(encode=100.0, prefill=10.0, decode=10.0),
+                         Budgets(encode_token_budget=64, decode_wait_ms=wait_ms), cores=4)
+        sim.run([SimRequest(0.0, (), 10, 8), SimRequest(25.0, (64,), 10, 2)], LOOSE)
+        return [f.tokens for f in sim.flights]
+
+    (a, b) = token_times(60.0)
+    assert a == pytest.approx([10, 20, 30, 100, 145, 155, 165, 175], abs=1e-9)
+    assert b == pytest.approx([145, 155], abs=1e-9)
+    (a, b) = token_times(0.0)
+    assert a == pytest.approx([10, 20, 30, 40, 50, 60, 70, 80], abs=1e-9)

@@ -6,15 +6,17 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
-from epdlang.errors import InvalidRequest, PromptTooLong
+from epdlang.errors import InvalidRequest
 from epdlang.sampling import SamplingParams
-from runtime.config import EngineConfig
+from runtime.config import DECODE_WAIT_ROWS, EngineConfig
+from runtime.engine.admission import check_fits
 from runtime.engine.calibrate import Budgets, calibrate
 from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.engine.encoder_cache import EncoderCache
@@ -76,6 +78,7 @@ class Engine:
         self.threads = ThreadShare(split=self.config.device == "cpu"
                                    and None not in (self.model.visual, self.model.lm))
         self._lm_busy = False
+        self._last_decode = 0.0
         self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="encoder") if overlap else None
         self._encode_job: tuple[Future, list] | None = None
         self.idle = False
@@ -111,18 +114,7 @@ class Engine:
         return msg.rid
 
     def _check_fits(self, msg: GenerateRequest) -> None:
-        n, cfg = len(msg.input_ids), self.config
-        if n == 0:
-            raise InvalidRequest("the prompt is empty")
-        bad = [t for t in msg.input_ids if not 0 <= t < self.model.config.vocab_size]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary [0, {self.model.config.vocab_size})")
-        if n >= cfg.max_model_len:
-            raise PromptTooLong(f"the prompt has {n} tokens; the context allows at most {cfg.max_model_len - 1}")
-        need = n + min(msg.sampling.max_new_tokens, cfg.max_model_len - n)
-        capacity = self.kv.total_pages * cfg.page_size
-        if need > capacity:
-            raise PromptTooLong(f"the request needs {need} KV slots but the pool only has {capacity}")
+        check_fits(msg, self.config, self.model.config.vocab_size, self.kv.total_pages * self.config.page_size)
 
     def _make_req(self, msg: GenerateRequest) -> Req:
         grids = [img.grid_thw for img in msg.images]
@@ -161,7 +153,10 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One scheduler step. Afterwards `idle` says that it could do nothing (it waits on outside input)."""
         encoded = self._finish_encode(wait=False)
-        plan = self.scheduler.schedule(allow_encode=self.model.visual is not None and self._encode_job is None)
+        hold = (self._encoding_beside() and len(self.scheduler.running) < DECODE_WAIT_ROWS
+                and time.perf_counter() - self._last_decode < self.config.decode_wait_s)
+        plan = self.scheduler.schedule(allow_encode=self.model.visual is not None and self._encode_job is None,
+                                       decode_alone=not hold)
         self._lm_busy = bool(plan.prefill)  # decode steps are short: beside them the encoder keeps every thread
         if plan.encode:
             self._start_encode(plan.encode, beside_lm=bool(plan.decode or plan.prefill))
@@ -176,9 +171,10 @@ class Engine:
             if chunks:
                 self._run_lm(chunks, is_decode)
                 ran_lm = True
-        if not ran_lm:  # nothing else to do: wait for the encoder
-            encoded |= self._finish_encode(wait=True)
-        self.idle = not (ran_lm or plan.encode or encoded)
+        if not ran_lm:  # nothing else to do: wait for the encoder (held decode rows: until their wait ends)
+            left = self._last_decode + self.config.decode_wait_s - time.perf_counter() if hold else None
+            encoded |= self._finish_encode(wait=True, timeout=left)
+        self.idle = not (ran_lm or plan.encode or encoded or hold)
         return self._collect_outputs()
 
     def _start_encode(self, picked: list[tuple[Req, int]], beside_lm: bool) -> None:
@@ -210,12 +206,14 @@ class Engine:
         self.stage_passes["encode"] += 1
         return out
 
-    def _finish_encode(self, wait: bool) -> bool:
-        """Collect the encode in flight if it is done (with `wait`: once it is)."""
+    def _finish_encode(self, wait: bool, timeout: float | None = None) -> bool:
+        """Collect the encode in flight if it is done (with `wait`: once it is, or `timeout` seconds passed)."""
         if self._encode_job is None:
             return False
         future, todo = self._encode_job
-        if not (wait or future.done()):
+        if wait and timeout is not None:
+            futures_wait([future], timeout=max(0.0, timeout))
+        if not (future.done() or (wait and timeout is None)):
             return False
         self._encode_job = None
         for (image, users), emb in zip(todo, future.result()):
@@ -230,6 +228,8 @@ class Engine:
         results = self.runner.run(chunks, is_decode)
         self._sample(chunks, results)
         decoded = sum(1 for c in chunks if c.generated)
+        if decoded:
+            self._last_decode = time.perf_counter()
         stage = "decode" if is_decode else "mixed" if decoded else "prefill"
         self.stage_seconds[stage] += time.perf_counter() - t0
         self.stage_passes[stage] += 1

@@ -49,7 +49,8 @@ class Scheduler:
         self.kv.release(req, cache=cache)
         req.status = Status.FINISHED
 
-    def schedule(self, allow_encode: bool = True) -> StepPlan:
+    def schedule(self, allow_encode: bool = True, decode_alone: bool = True) -> StepPlan:
+        """This step's batches. With `decode_alone` off, decode rows run only beside a prefill chunk."""
         plan = StepPlan()
         self.waiting.sort(key=lambda r: r.priority_key)
         self.running.sort(key=lambda r: r.priority_key)
@@ -60,6 +61,8 @@ class Scheduler:
         else:
             plan.prefill = self._schedule_prefill(plan)
             plan.decode = self._schedule_decode(plan)
+        if not (decode_alone or plan.prefill):
+            plan.decode = []  # their pages stay reserved for the next step
         return plan
 
     def _schedule_encode(self, allow: bool) -> list[tuple[Req, int]]:

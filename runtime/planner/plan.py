@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.config import ENCODE_TOKENS_CPU, Slo
+from runtime.config import CPU_HOST, Slo
 from runtime.planner import cli
 from runtime.planner.costs import ProfileCosts
 from runtime.planner.search import Planner, Prediction, Resources, cpu_candidates, gpu_candidates
@@ -105,7 +105,7 @@ def build_plan(args: argparse.Namespace, model_dir: Path, requests: list) -> Pla
         costs, shapes, data, path = device_costs(args, model_dir, requests)
     else:
         costs, shapes, data, path = measured_costs(args, model_dir, requests, specs)
-    host = {} if args.gpus else {"encode_token_budget": ENCODE_TOKENS_CPU}  # what `epd serve` uses on CPU
+    host = {} if args.gpus else CPU_HOST
     budgets = Budgets(**{**host, **data.get("budgets", {})})
     for name in ("stream_ms_per_token", "client_ms_per_token"):
         if getattr(args, name, None) is not None:

@@ -12,7 +12,8 @@ What it models, as the code does it (runtime/cluster/router.py, runtime/engine/s
 - per instance an encoder worker (batches image jobs FIFO up to `encode_token_budget`; in a hybrid it
   runs beside LM work, as the encoder thread does) and an LM worker whose step is one decode batch of
   every running request plus a prefill batch of waiting, image-ready requests up to
-  `prefill_token_budget` tokens (chunked) and `max_running` requests, decode first;
+  `prefill_token_budget` tokens (chunked) and `max_running` requests, decode first; a decode-only step of
+  fewer than DECODE_WAIT_ROWS rows waits for the encoder beside it up to `decode_wait_ms`, as the engine's;
 - transfers (pixels, embeddings, KV) as delays of `transfer_ms(bytes)`;
 - the SLO as `epd bench` checks it: TTFT <= target and the p90 of the request's own inter-token gaps <= target.
 What it leaves out: prefix and encoder cache hits (workloads with distinct images and prompts),
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from runtime.config import ENCODE_TOKENS_ACCELERATOR, EngineConfig, Slo
+from runtime.config import DECODE_WAIT_ROWS, ENCODE_TOKENS_ACCELERATOR, EngineConfig, Slo
 from runtime.planner.clock import Clock
 
 
@@ -57,8 +58,10 @@ class SimRequest:
 @dataclass(frozen=True)
 class Budgets:
     prefill_token_budget: int = EngineConfig.prefill_token_budget
-    encode_token_budget: int = ENCODE_TOKENS_ACCELERATOR  # `epd plan --cores` plans with ENCODE_TOKENS_CPU
+    encode_token_budget: int = ENCODE_TOKENS_ACCELERATOR  # `epd plan --cores` plans with CPU_HOST's
     max_running: int = EngineConfig.max_running
+    decode_wait_ms: float = 0.0  # `epd plan --cores` plans with CPU_HOST's
+
 
 
 @dataclass(eq=False)
@@ -87,6 +90,7 @@ class Node:
     lm_busy: bool = False
     inflight: int = 0
     encode_tokens: int = 0
+    last_decode: float = float("-inf")
     draining_to: frozenset[str] | None = None  # role switching: the roles it takes once empty
 
     def idle(self) -> bool:
@@ -260,6 +264,7 @@ class Simulation:
                 nbytes = tokens * self.costs.embed_bytes_per_token
                 self.clock.after(self.costs.transfer_ms(nbytes), lambda f=f, d=dest: self._image_ready(f, d))
         self._poll_encoder(e)
+        self._poll_lm(e)  # decode rows held for this encode
         self._maybe_switch(e)
 
     def _image_ready(self, f: Flight, p: Node) -> None:
@@ -274,7 +279,7 @@ class Simulation:
             n.running.append(n.adopting.popleft())
         decode = list(n.running)
         chunks = self._prefill_chunks(n) if "P" in n.roles else []
-        if not decode and not chunks:
+        if not chunks and (not decode or self._decode_waits(n, len(decode))):
             return
         ctx = self._context(decode)
         work = self.costs.decode_ms(len(decode), ctx, n.threads) if decode else 0.0
@@ -282,6 +287,13 @@ class Simulation:
             work += self.costs.prefill_ms(sum(k for _, k in chunks), n.threads)
         n.lm_busy = True
         self.clock.start(work, n.threads, lambda: self._stepped(n, decode, chunks), n)
+
+    def _decode_waits(self, n: Node, rows: int) -> bool:
+        left = n.last_decode + self.budgets.decode_wait_ms - self.clock.now
+        if not (n.enc_busy and rows < DECODE_WAIT_ROWS and left > 0):
+            return False
+        self.clock.after(left, lambda: self._poll_lm(n))
+        return True
 
     def _context(self, decode: list[Flight]) -> int:
         """The context a decode step's cost is read at: the batch's mean, or its longest where attention pads."""
@@ -305,6 +317,8 @@ class Simulation:
 
     def _stepped(self, n: Node, decode: list[Flight], chunks: list[tuple[Flight, int]]) -> None:
         n.lm_busy = False
+        if decode:
+            n.last_decode = self.clock.now
         firsts = [f for f, k in chunks if f.computed + k == f.spec.prompt_len]
         self._emit(decode + firsts)
         for f in decode:

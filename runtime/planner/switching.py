@@ -18,7 +18,7 @@ from typing import Any
 
 from runtime.cluster.role_switch import SwitchPolicy, role_str
 from runtime.cluster.topology import Topology
-from runtime.config import ENCODE_TOKENS_CPU, Slo
+from runtime.config import CPU_HOST, Slo
 from runtime.messages import GenerateRequest
 from runtime.planner.search import Planner, Resources, capacity_bound, spec_of
 from runtime.planner.sim import Budgets, Node, Simulation
@@ -154,6 +154,6 @@ def planned_moves(model_dir: Path, topology: Topology, slo: Slo | None = None, *
     cores = min(cores, sum(threads)) if all(threads) else cores
     known = {f.name for f in dataclasses.fields(Budgets)}
     planner = Planner([], ProfileCosts(data), slo or Slo(), Resources(cores=cores),
-                      Budgets(**{"encode_token_budget": ENCODE_TOKENS_CPU,  # a CPU host, as `epd serve` there
+                      Budgets(**{**CPU_HOST,  # a CPU host, as `epd serve` there
                                  **{k: v for k, v in budgets.items() if k in known and v is not None}}))
     return PlannedMoves(planner)

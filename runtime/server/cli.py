@@ -51,6 +51,9 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
                    help="prompt tokens per prefill step (longer prompts are chunked), per instance")
     p.add_argument("--encode-token-budget", type=int, default=None,
                    help="image tokens per encode batch (default: 256 on CPU, 4096 on an accelerator)")
+    p.add_argument("--decode-wait-ms", type=float, default=None,
+                   help="fewer than 16 decoding requests wait this long for a running vision tower (default: 50 on "
+                        "CPU, 0 on an accelerator)")
     p.add_argument("--tpot-target-ms", type=float, default=None,
                    help="calibrate the three budgets above at start-up so that a step stays under this TPOT")
     p.add_argument("--no-prefix-cache", action="store_true", help="no radix prefix cache (prompts prefilled whole)")
@@ -82,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                  "max_model_len": args.max_model_len,
                  "max_running": args.max_num_seqs, "prefill_token_budget": args.max_num_batched_tokens,
                  "encode_token_budget": args.encode_token_budget, "tpot_target_ms": args.tpot_target_ms,
+                 "decode_wait_ms": args.decode_wait_ms,
                  "mixed_batches": False if args.no_mixed_batches else None,
                  "enable_prefix_cache": False if args.no_prefix_cache else None,
                  "json_whitespace_flexible": args.json_whitespace_flexible or None,
