@@ -24,7 +24,7 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     attention_backend: str = "auto"
-    linear_backend: str = "auto"  # "onednn" (CPU fp32: prepacked weights for few-row inputs) or "torch"
+    linear_backend: str = "auto"  # "onednn" (CPU fp32: prepacked weights, models/linear.py) or "torch"
     page_size: int = 16
     num_pages: int | None = None  # None: derived from kv_cache_bytes
     kv_cache_bytes: int = 1 << 30

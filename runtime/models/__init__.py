@@ -48,8 +48,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
     wanted = ("visual.",) * load_vision + ("lm.",) * load_lm
     skip = ("lm.lm_head.weight",) if config.text.tie_word_embeddings else ()
     load_weights(model, iter_weights(Path(path), wanted, cls.checkpoint_prefixes), skip)
-    if model.lm is not None:
-        pack_linears(model.lm, linear_backend)
+    for part in (model.visual, model.lm):
+        if part is not None:
+            pack_linears(part, linear_backend)
     return model.eval()
 
 

@@ -7,6 +7,7 @@ from torch import nn
 from runtime.models.attention import AttentionBackend
 from runtime.models.config import ClipVisionConfig
 from runtime.models.layers import MergedLinear, activation
+from runtime.models.linear import Linear
 
 
 class ClipEmbeddings(nn.Module):
@@ -33,7 +34,7 @@ class ClipAttention(nn.Module):
         super().__init__()
         self.heads = cfg.num_heads
         self.qkv_proj = MergedLinear(cfg.hidden_size, [cfg.hidden_size] * 3, bias=True)
-        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, cu_seqlens: list[int], backend: AttentionBackend) -> torch.Tensor:
         """x `[N * L, hidden]`, images packed back to back at `cu_seqlens`."""
@@ -45,8 +46,8 @@ class ClipAttention(nn.Module):
 class ClipMLP(nn.Module):
     def __init__(self, cfg: ClipVisionConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from torch import nn
 from runtime.models.attention import AttentionBackend
 from runtime.models.config import VisionConfig
 from runtime.models.layers import RMSNorm, SwiGLU, activation, apply_rope
+from runtime.models.linear import Linear
 from runtime.models.rope import vision_patch_positions, vision_rope, window_order
 
 NORM_EPS = 1e-6
@@ -21,7 +22,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.proj = nn.Linear(cfg.patch_dim, cfg.embed_dim, bias=False)  # loaded from the conv weight
+        self.proj = Linear(cfg.patch_dim, cfg.embed_dim, bias=False)  # loaded from the conv weight
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.proj(pixels.reshape(-1, self.proj.in_features).to(self.proj.weight.dtype))
@@ -31,8 +32,8 @@ class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.heads = cfg.num_heads
-        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)
-        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
+        self.qkv = Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)
+        self.proj = Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: list[int],
                 backend: AttentionBackend) -> torch.Tensor:
@@ -46,8 +47,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(cfg.embed_dim, cfg.mlp_dim)
-        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.embed_dim)
+        self.fc1 = Linear(cfg.embed_dim, cfg.mlp_dim)
+        self.fc2 = Linear(cfg.mlp_dim, cfg.embed_dim)
         self.act = activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,7 @@ class PatchMerger(nn.Module):
         self.group_dim = cfg.embed_dim * cfg.spatial_merge_size ** 2
         self.ln_q = _norm(cfg, cfg.embed_dim)
         self.mlp = nn.Sequential(
-            nn.Linear(self.group_dim, self.group_dim), nn.GELU(), nn.Linear(self.group_dim, cfg.out_dim)
+            Linear(self.group_dim, self.group_dim), nn.GELU(), Linear(self.group_dim, cfg.out_dim)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
