@@ -59,6 +59,8 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--no-prefix-cache", action="store_true", help="no radix prefix cache (prompts prefilled whole)")
     p.add_argument("--no-mixed-batches", action="store_true",
                    help="decode and prefill in separate forward passes (default: decode rows ride in the prefill's)")
+    p.add_argument("--no-overlap-encode", action="store_true",
+                   help="run the vision tower inside the engine step, not on its own thread beside LM work")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads in all (split over the instances)")
     p.add_argument("--max-waiting-requests", type=int, default=None,
                    help="requests waiting for a first token at most; beyond it 503 with Retry-After (default: no cap)")
@@ -87,6 +89,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                  "encode_token_budget": args.encode_token_budget, "tpot_target_ms": args.tpot_target_ms,
                  "decode_wait_ms": args.decode_wait_ms,
                  "mixed_batches": False if args.no_mixed_batches else None,
+                 "overlap_encode": False if args.no_overlap_encode else None,
                  "enable_prefix_cache": False if args.no_prefix_cache else None,
                  "json_whitespace_flexible": args.json_whitespace_flexible or None,
                  "role_switching": args.role_switching or None}
