@@ -110,7 +110,9 @@ def test_plan_for_gpus_reads_a_device_profile(tmp_path, capsys):
 def test_front_cost_is_the_api_servers_cpu_through_http():
     """The profile's API-server cost of a request is what a real `epd serve` process spends on it over HTTP:
     more than its preprocessing alone, more with four images than with text only; a streamed token costs the
-    server and the client together more than the wire-and-JSON microbenchmark; the server is stopped."""
+    server and the client something; the server is stopped. (The token cost is not compared with the
+    in-process wire-and-JSON microbenchmark: two timings taken at different moments, and a fresh-clone CI run
+    beside another test process timed the microbenchmark at 9x its usual cost and failed.)"""
     model = resolve_model("tiny-random")
     images = [{"type": "image_url", "image_url": {"url": image_data_url(448, 448, seed)}} for seed in range(4)]
     with_images = [{"role": "user", "content": [*images, {"type": "text", "text": "What is in these pictures?"}]}]
@@ -124,9 +126,6 @@ def test_front_cost_is_the_api_servers_cpu_through_http():
     prepare = Processor(model).prepare
     assert image_ms > best_ms(lambda: prepare(with_images)) and image_ms > text_ms > 0
     assert token_ms > 0 and client_ms > 0
-    # the microbenchmark leaves out asyncio, HTTP and uvicorn (the server batches outputs, so its share alone
-    # can come near it)
-    assert token_ms + client_ms > profile.stream_ms_per_token()
 
 
 def test_plan_refuses_gpus_without_a_device_profile():
