@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from runtime.cluster.topology import parse_topology
-from runtime.config import Slo
+from runtime.config import DECODE_WAIT_MS_CPU, DECODE_WAIT_ROWS, Slo
 from runtime.server.config import Limits, ServerConfig
 from runtime.tiny_model import resolve_model
 
@@ -52,8 +52,8 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--encode-token-budget", type=int, default=None,
                    help="image tokens per encode batch (default: 256 on CPU, 4096 on an accelerator)")
     p.add_argument("--decode-wait-ms", type=float, default=None,
-                   help="fewer than 16 decoding requests wait this long for a running vision tower (default: 50 on "
-                        "CPU, 0 on an accelerator)")
+                   help=f"fewer than {DECODE_WAIT_ROWS} decoding requests wait this long for a running vision tower "
+                        f"(default: {DECODE_WAIT_MS_CPU:g} on CPU, 0 on an accelerator)")
     p.add_argument("--tpot-target-ms", type=float, default=None,
                    help="calibrate the three budgets above at start-up so that a step stays under this TPOT")
     p.add_argument("--no-prefix-cache", action="store_true", help="no radix prefix cache (prompts prefilled whole)")
