@@ -98,6 +98,19 @@ def test_a_prefill_joins_the_decode_step():
     assert flights[1].tokens == pytest.approx([220, 240, 260], abs=1e-9)
 
 
+def test_passes_and_their_seconds_are_counted_per_instance_and_stage_as_the_engines_metrics():
+    # The timeline above: a prefill [0,100], a mixed step [100,220], decode steps [220,240] and [240,260].
+    # With an image on a separate E: one encode pass of 30 ms there.
+    sim = Simulation(EPD, Fixed(prefill=100.0, decode=20.0), one_at_a_time(), cores=None)
+    stages = sim.run(requests([0, 50], output_len=3), LOOSE).stages
+    assert stages == {"EPD0": {"prefill": (1, pytest.approx(0.1)), "mixed": (1, pytest.approx(0.12)),
+                               "decode": (2, pytest.approx(0.04))}}
+    nodes = [("E0", frozenset("E"), 1), ("PD0", frozenset("PD"), 1)]
+    sim = Simulation(nodes, Fixed(encode=30.0, prefill=100.0), one_at_a_time(), cores=None)
+    stages = sim.run(requests([0], images=(4,)), LOOSE).stages
+    assert stages == {"E0": {"encode": (1, pytest.approx(0.03))}, "PD0": {"prefill": (1, pytest.approx(0.1))}}
+
+
 def test_encode_then_prefill_on_separate_instances_with_transfers():
     # E encodes one image in 30 ms, the embedding travels 5 ms, P prefills in 100 ms (P-only), the KV
     # travels 5 ms, D decodes in 20 ms: first token at 5 + 30 + 5 + 100 = 140 (pixels travel 5 too),

@@ -21,8 +21,8 @@ KV-pool exhaustion and preemption, and the GIL the two API-server threads share.
 """
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -92,6 +92,14 @@ class Node:
     encode_tokens: int = 0
     last_decode: float = float("-inf")
     draining_to: frozenset[str] | None = None  # role switching: the roles it takes once empty
+    started: dict[str, float] = field(default_factory=dict)  # worker ("enc", "lm") -> when its pass began
+    stage_ms: Counter = field(default_factory=Counter)  # as the engine's /metrics: encode, prefill, mixed, decode
+    stage_passes: Counter = field(default_factory=Counter)
+    cpu_ms: float = 0.0  # its passes' work at full speed x threads: the CPU time the model gives the process
+
+    def passed(self, worker: str, stage: str, now: float) -> None:
+        self.stage_ms[stage] += now - self.started.pop(worker)
+        self.stage_passes[stage] += 1
 
     def idle(self) -> bool:
         return not (self.enc_busy or self.lm_busy or self.enc_queue or self.waiting or self.running
@@ -105,6 +113,7 @@ class Fifo:
     clock: Clock
     queue: deque = field(default_factory=deque)  # (ms of work, callback when done)
     busy: bool = False
+    cpu_ms: float = 0.0
 
     def put(self, work_ms: float, done: Callable[[], None]) -> None:
         self.queue.append((work_ms, done))
@@ -115,6 +124,7 @@ class Fifo:
             return
         work, done = self.queue.popleft()
         self.busy = True
+        self.cpu_ms += work
         self.clock.start(work, 1, lambda: self._done(done))
 
     def _done(self, done: Callable[[], None]) -> None:
@@ -132,6 +142,8 @@ class Outcome:
     finished: int
     duration_ms: float
     switches: int = 0
+    stages: Mapping[str, Mapping[str, tuple[int, float]]] = field(default_factory=dict)  # node -> stage -> (passes, s)
+    cpu_s: Mapping[str, float] = field(default_factory=dict)  # instance, "api" (API server), "client" -> CPU seconds
 
     @property
     def attainment(self) -> float:
@@ -250,12 +262,14 @@ class Simulation:
         while e.enc_queue and tokens < self.budgets.encode_token_budget:
             batch.append(e.enc_queue.popleft())
             tokens += batch[-1][1]
-        e.enc_busy = True
+        e.enc_busy, e.started["enc"] = True, self.clock.now
         work = self.costs.encode_ms([t for _, t, _ in batch], e.threads)
+        e.cpu_ms += work * e.threads
         self.clock.start(work, e.threads, lambda: self._encoded(e, batch), e)
 
     def _encoded(self, e: Node, batch: list) -> None:
         e.enc_busy = False
+        e.passed("enc", "encode", self.clock.now)
         for f, tokens, dest in batch:
             e.encode_tokens -= tokens
             if dest is e:
@@ -285,7 +299,8 @@ class Simulation:
         work = self.costs.decode_ms(len(decode), ctx, n.threads) if decode else 0.0
         if chunks:
             work += self.costs.prefill_ms(sum(k for _, k in chunks), n.threads)
-        n.lm_busy = True
+        n.lm_busy, n.started["lm"] = True, self.clock.now
+        n.cpu_ms += work * n.threads
         self.clock.start(work, n.threads, lambda: self._stepped(n, decode, chunks), n)
 
     def _decode_waits(self, n: Node, rows: int) -> bool:
@@ -317,6 +332,7 @@ class Simulation:
 
     def _stepped(self, n: Node, decode: list[Flight], chunks: list[tuple[Flight, int]]) -> None:
         n.lm_busy = False
+        n.passed("lm", "mixed" if decode and chunks else "decode" if decode else "prefill", self.clock.now)
         if decode:
             n.last_decode = self.clock.now
         firsts = [f for f, k in chunks if f.computed + k == f.spec.prompt_len]
@@ -369,5 +385,9 @@ class Simulation:
         done = [f for f in self.flights if f.tokens and len(f.tokens) >= f.spec.output_len]
         ttft = tuple(f.tokens[0] - f.sent for f in done)
         tpot = tuple((f.tokens[-1] - f.tokens[0]) / (len(f.tokens) - 1) for f in done if len(f.tokens) > 1)
+        stages = {n.name: {k: (n.stage_passes[k], n.stage_ms[k] / 1000.0) for k in n.stage_passes}
+                  for n in self.nodes}
+        cpu = {n.name: n.cpu_ms / 1000.0 for n in self.nodes}
+        cpu |= {"api": (self.prep.cpu_ms + self.loop.cpu_ms) / 1000.0, "client": self.client.cpu_ms / 1000.0}
         return Outcome(ttft, tpot, sum(meets(f, slo) for f in done), len(self.flights), len(done),
-                       self.clock.now, self.switches)
+                       self.clock.now, self.switches, stages, cpu)
