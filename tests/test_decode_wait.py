@@ -1,10 +1,15 @@
 """While the vision tower runs beside them, a few decode rows wait for it instead of stepping alone."""
 from __future__ import annotations
 
+import os
+import select
 import time
 
 from epdlang.sampling import SamplingParams
 from images import make_image
+from runtime.cluster.role_engine import RoleEngine
+from runtime.cluster.transfer import make_transfer
+from runtime.cluster.wire import EncodeJob, WireImage
 from runtime.engine.core import Engine
 
 LONG = SamplingParams(max_new_tokens=60, ignore_eos=True)
@@ -58,3 +63,37 @@ def test_one_running_request_waits_for_the_tower_and_its_tokens_do_not_change(ti
     # the step that starts the encode runs its decode rows right after handing the tower to its thread
     assert waited <= 1, f"{waited} decode-only steps ran while the tower was busy"
     assert stepped >= 3, f"without the wait, decode steps run beside the tower ({stepped} did)"
+
+
+def test_held_rows_of_an_instance_sleep_while_its_encode_jobs_run_instead_of_spinning(tiny_model_dir):
+    """An ED instance's tower runs the router's jobs on a thread of its own; rows held for it must let the
+    instance loop sleep (`wait_s` > 0, woken by the job's pipe), not step empty passes that take its core."""
+    def run(with_job: bool) -> tuple[int, list[int]]:
+        eng = RoleEngine(tiny_model_dir, frozenset("ED"), make_transfer("zmq", "hold"), num_threads=2,
+                         decode_wait_ms=60_000)
+        rid = eng.add_request(prompt="a long story " * 4, sampling_params=LONG)
+        tokens: list[int] = []
+        for _ in range(3):
+            tokens += [t for out in eng.step() for t in out.new_token_ids]
+        if with_job:
+            image = eng.processor.process_image(make_image("teal", (448, 448)))
+            wire_image = WireImage(image.content_hash, image.grid_thw, image.num_tokens)
+            eng.queue_encode(EncodeJob(wire_image), image.pixel_values)
+        steps = 0
+        while eng.encode_jobs_open and steps < 100:
+            tokens += [t for out in eng.step() for t in out.new_token_ids]
+            steps += 1
+            assert eng.wait_s is None or eng.wait_s > 0, "held rows asked to step again at once"
+            if select.select([eng.wake_r], [], [], 5.0 if eng.wait_s is None else eng.wait_s)[0]:
+                os.read(eng.wake_r, 4096)
+        for _ in range(200):
+            if not eng.has_unfinished():
+                break
+            tokens += [t for out in eng.step() for t in out.new_token_ids if out.rid == rid]
+        assert not eng.has_unfinished() and eng.stats["images_encoded"] == int(with_job)
+        return steps, tokens
+
+    steps, held = run(with_job=True)
+    _, alone = run(with_job=False)
+    assert 1 <= steps <= 3, f"the loop stepped {steps} times while the tower ran"
+    assert held == alone and len(held) == 60

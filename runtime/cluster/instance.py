@@ -40,6 +40,7 @@ from runtime.cluster.wire import (
 
 log = logging.getLogger("runtime.cluster.instance")
 LOAD_INTERVAL_S = 0.02
+IDLE_POLL_MS = 50.0
 
 
 @dataclass(frozen=True)
@@ -79,17 +80,21 @@ class Instance:
     def serve(self) -> None:
         self.send(Ready(self.cfg.name, os.getpid(), self.cfg.node_id, self.cfg.address))
         while self.running and os.getppid() == self.parent:
-            can_step = self.engine.has_unfinished() and not self.engine.idle
-            events = dict(self.poller.poll(0 if can_step else 50))
+            events = dict(self.poller.poll(self._poll_ms()))
             if self.engine.wake_r in events:
                 os.read(self.engine.wake_r, 4096)
-            self.engine.idle = False
             if self.sock in events:
                 self._drain()
             if self.engine.has_unfinished():
                 self._step()
             self._flush_outbox()
             self._report_load()
+
+    def _poll_ms(self) -> float:
+        """Wait for input this long: not at all while a step has work, up to the end of a decode hold, else 50 ms
+        (the wake pipe and the socket end any wait early)."""
+        wait = self.engine.wait_s if self.engine.has_unfinished() else None
+        return IDLE_POLL_MS if wait is None else min(IDLE_POLL_MS, wait * 1e3)
 
     def _drain(self) -> None:
         while self.running and self.sock.poll(0):

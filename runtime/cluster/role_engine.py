@@ -113,7 +113,10 @@ class RoleEngine(Engine):
     def step(self) -> list[RequestOutput]:
         adopted = self._adopt_pending()
         outputs = super().step() if super().has_unfinished() else []
-        self.idle = self.idle and not adopted
+        if not outputs and not super().has_unfinished():
+            self.wait_s = None  # only adoptions that wait for pages: nothing to do until input comes
+        if adopted:
+            self.wait_s = 0.0
         if "D" not in self.roles:
             for req in [r for r in self.scheduler.running if r.output_ids and not r.finish_reason]:
                 self._hand_off(req)

@@ -81,7 +81,7 @@ class Engine:
         self._last_decode = 0.0
         self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="encoder") if overlap else None
         self._encode_job: tuple[Future, list] | None = None
-        self.idle = False
+        self.wait_s: float | None = 0.0
 
     def _apply_budgets(self) -> None:
         defaults = Budgets(self.config.max_running, self.config.prefill_token_budget, self.config.encode_tokens)
@@ -151,7 +151,8 @@ class Engine:
         return bool(self.reqs) or self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        """One scheduler step. Afterwards `idle` says that it could do nothing (it waits on outside input)."""
+        """One scheduler step. Afterwards `wait_s` says how long a loop may wait for outside input before the
+        next step is worth taking: 0 (step at once), seconds (held decode rows), or None (until input comes)."""
         encoded = self._finish_encode(wait=False)
         hold = (self._encoding_beside() and len(self.scheduler.running) < DECODE_WAIT_ROWS
                 and time.perf_counter() - self._last_decode < self.config.decode_wait_s)
@@ -172,10 +173,15 @@ class Engine:
                 self._run_lm(chunks, is_decode)
                 ran_lm = True
         if not ran_lm:  # nothing else to do: wait for the encoder (held decode rows: until their wait ends)
-            left = self._last_decode + self.config.decode_wait_s - time.perf_counter() if hold else None
-            encoded |= self._finish_encode(wait=True, timeout=left)
-        self.idle = not (ran_lm or plan.encode or encoded or hold)
+            encoded |= self._finish_encode(wait=True, timeout=self._hold_left() if hold else None)
+        # Held rows whose tower runs elsewhere (a RoleEngine's encode jobs) leave `_finish_encode` at once: the
+        # loop then sleeps out the hold instead of spinning through empty steps, which took the tower's core.
+        busy = ran_lm or plan.encode or encoded
+        self.wait_s = 0.0 if busy else self._hold_left() if hold else None
         return self._collect_outputs()
+
+    def _hold_left(self) -> float:
+        return max(0.0, self._last_decode + self.config.decode_wait_s - time.perf_counter())
 
     def _start_encode(self, picked: list[tuple[Req, int]], beside_lm: bool) -> None:
         """Run the vision tower for `picked`: on the encoder thread when overlap is on and LM work runs beside
