@@ -26,24 +26,22 @@ cpu > "$OUT/cpu0"; curl -s "http://127.0.0.1:$P/metrics" > "$OUT/metrics0.txt"
   --ignore-eos --temperature 0 --request-rate inf --max-concurrency "$C" --percentile-metrics ttft,tpot,e2el \
   --metric-percentiles 50,90,99 --save-result --result-dir "$OUT" --result-filename epd.json > "$OUT/bench.log" 2>&1
 cpu > "$OUT/cpu1"; curl -s "http://127.0.0.1:$P/metrics" > "$OUT/metrics1.txt"
-python3 - "$OUT" <<'PY'
-import json, re, sys
-out = sys.argv[1]
-r = json.load(open(f"{out}/epd.json"))
+.venv/bin/python - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+from benchmarks.planner_validate import parse_stage_totals, stage_delta
+out = Path(sys.argv[1])
+r = json.loads((out / "epd.json").read_text())
 print({k: round(r[k], 2) for k in ["completed", "request_throughput", "median_ttft_ms", "p90_ttft_ms",
                                    "median_tpot_ms", "p90_tpot_ms"]})
-before = {l.split()[0]: float(l.split()[1]) for l in open(f"{out}/cpu0") if len(l.split()) > 2}
-for line in open(f"{out}/cpu1"):
+before = {l.split()[0]: float(l.split()[1]) for l in open(out / "cpu0") if len(l.split()) > 2}
+for line in open(out / "cpu1"):
     pid, ticks, *cmd = line.split()
     if pid in before:
         print(f"cpu {(float(ticks) - before[pid]) / 100:6.1f} s  {' '.join(cmd)[:60]}")
-def stages(path):
-    pat = re.compile(r'^epd_instance_stage_(seconds|passes)_total\{instance="([^"]+)".*stage="(\w+)"\} (\S+)')
-    return {m.group(1, 2, 3): float(m.group(4)) for m in map(pat.match, open(path)) if m}
-s0, s1 = stages(f"{out}/metrics0.txt"), stages(f"{out}/metrics1.txt")
-for (kind, inst, stage), v in sorted(s1.items()):
-    if kind == "seconds":
-        passes = s1.get(("passes", inst, stage), 0) - s0.get(("passes", inst, stage), 0)
-        print(f"{inst} {stage:8s} {v - s0.get((kind, inst, stage), 0):7.2f} s in {passes:.0f} passes")
+s0, s1 = (parse_stage_totals((out / f"metrics{i}.txt").read_text()) for i in (0, 1))
+for inst, stages in sorted(stage_delta(s0, s1).items()):
+    for stage, (passes, secs) in sorted(stages.items()):
+        print(f"{inst} {stage:8s} {secs:7.2f} s in {passes} passes")
 PY
 echo "results in $OUT"

@@ -66,8 +66,11 @@ def stage_totals(url: str) -> dict[tuple[str, str, str], float]:
     """(seconds|passes, instance, stage) -> total so far, from the server's /metrics."""
     import httpx
 
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {m.group(1, 2, 3): float(m.group(4)) for m in map(STAGE_METRIC.match, text.splitlines()) if m}
+    return parse_stage_totals(httpx.get(f"{url}/metrics", timeout=30).text)
+
+
+def parse_stage_totals(metrics_text: str) -> dict[tuple[str, str, str], float]:
+    return {m.group(1, 2, 3): float(m.group(4)) for m in map(STAGE_METRIC.match, metrics_text.splitlines()) if m}
 
 
 def stage_delta(before: dict, after: dict) -> dict[str, dict[str, tuple[int, float]]]:
@@ -84,12 +87,12 @@ INSTANCE_NAME = re.compile(r'"name": "([^"]+)"')
 
 
 def process_cpu(server_pid: int) -> dict[str, float]:
-    """CPU seconds so far of the API server ("api"), each of its instances (by name) and this process, the
-    client ("client"), from /proc; empty where there is no /proc."""
+    """CPU seconds so far of the API server ("api") and each of its instances (by name), from /proc; empty
+    where there is no /proc. (The client's comes from the benchmark: this process also builds the requests.)"""
     if not os.path.isdir(f"/proc/{server_pid}"):
         return {}
     tick = os.sysconf("SC_CLK_TCK")
-    out = {"client": time.process_time()}
+    out: dict[str, float] = {}
     for pid in [d for d in os.listdir("/proc") if d.isdigit()]:
         try:
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -117,10 +120,12 @@ def measure(args: argparse.Namespace, spec: str, rates: list[float], warmups: li
         run_system(bench_namespace(args), spec, url, [], warmups, [], "")
         for k, rate in enumerate(rates):
             before, cpu = stage_totals(url), process_cpu(proc.pid)
-            points += run_system(bench_namespace(args), spec, url, fresh_requests(args, k), [], [rate],
-                                 time.strftime("%H%M%S"))
+            point, = run_system(bench_namespace(args), spec, url, fresh_requests(args, k), [], [rate],
+                                time.strftime("%H%M%S"))
+            points.append(point)
             after = process_cpu(proc.pid)
             cpu = {name: round(after[name] - cpu[name], 2) for name in after if name in cpu}
+            cpu |= {"client": round(point.client_cpu_s, 2)} if cpu else {}
             stages.append(stage_delta(before, stage_totals(url)) | {"cpu": cpu})
     return points, stages
 

@@ -28,6 +28,7 @@ class RunPoint:
     attainment: float
     results: tuple
     file: str | None
+    client_cpu_s: float = 0.0  # the client's CPU over the timed run (not building the requests)
 
 
 def add_bench_parser(subparsers: "argparse._SubParsersAction") -> None:
@@ -157,7 +158,7 @@ def run_system(args: argparse.Namespace, label: str, url: str, requests: list, w
                                          out.client_cpu_s) | ({"accuracy": acc} if acc else {})
             path = str(report.write_json(result_path(args, label, f"r{rate:g}", stamp, "json"), payload))
             print(f"saved {path}")
-        points.append(RunPoint(rate, s.slo_attainment or 0.0, out.results, path))
+        points.append(RunPoint(rate, s.slo_attainment or 0.0, out.results, path, out.client_cpu_s))
     if args.sweep_rates:
         gp = goodput([(pt.rate, pt.attainment) for pt in points])
         print(f"[{label}] goodput (attainment >= 90%): {gp:.3f} req/s")
