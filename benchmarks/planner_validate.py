@@ -31,7 +31,8 @@ def bench_namespace(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(model=None, api_key=None, ignore_eos=True, request_timeout=600.0,
                               slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, dataset=args.dataset,
                               burstiness=args.burstiness, seed=args.seed, max_concurrency=args.max_concurrency,
-                              disable_tqdm=True, save_result=False, sweep_rates=None, result_dir=".")
+                              disable_tqdm=True, save_result=bool(args.result_dir), sweep_rates=None,
+                              result_dir=args.result_dir or ".")
 
 
 def rates_for(args: argparse.Namespace, predicted_rps: float) -> list[float]:

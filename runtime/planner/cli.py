@@ -64,7 +64,7 @@ def add_plan_parser(subparsers: "argparse._SubParsersAction") -> None:
     o.add_argument("--launch-args", default="", help="extra `epd serve` flags for --validate")
     o.add_argument("--launch-timeout", type=float, default=300.0)
     o.add_argument("--num-warmups", type=int, default=8, help="--validate: untimed requests, sent at once")
-    o.add_argument("--result-dir", default=None, help="--validate: where server logs go")
+    o.add_argument("--result-dir", default=None, help="--validate: where server logs and per-request results (JSON) go")
     o.add_argument("--json", dest="json_file", default=None, help="write the plan as JSON")
     p.set_defaults(handler=plan)
 
