@@ -113,6 +113,8 @@ def measure(args: argparse.Namespace, spec: str, rates: list[float], warmups: li
     (`stage_delta`) and CPU seconds per process (`process_cpu`), under "cpu"."""
     log_dir = Path(args.result_dir) if args.result_dir else REPO_ROOT / "results" / "planner" / "logs"
     extra = shlex.split(args.launch_args)
+    if args.mixed_token_budget:
+        extra += ["--mixed-token-budget", str(args.mixed_token_budget)]
     if args.threads_per_instance:
         count = len(parse_topology(spec).instances)
         extra += ["--num-threads", str(args.threads_per_instance * count)]

@@ -31,6 +31,7 @@ class EngineConfig:
     max_model_len: int = 16384
     max_running: int = 256
     prefill_token_budget: int = 2048  # tokens per prefill batch; longer prompts are chunked
+    mixed_token_budget: int | None = None  # prefill tokens per step while requests decode; None: the above
     encode_token_budget: int | None = None  # image tokens per encode batch; None: by device (`encode_tokens`)
     schedule_policy: Literal["decode-first", "prefill-first"] = "decode-first"
     mixed_batches: bool = True  # decode tokens ride in the prefill's forward pass (one read of the weights)

@@ -42,8 +42,13 @@ def test_serve_flags_set_the_budgets_or_a_tpot_target(tiny_model_dir):
         args = build_parser().parse_args(["serve", str(tiny_model_dir), *flags])
         return Engine(tiny_model_dir, num_pages=4200, **config_from_args(args).engine_overrides)
 
-    fixed = engine("--max-num-seqs", "7", "--max-num-batched-tokens", "96", "--encode-token-budget", "512")
+    fixed = engine("--max-num-seqs", "7", "--max-num-batched-tokens", "96", "--encode-token-budget", "512",
+                   "--mixed-token-budget", "32")
     assert (fixed.scheduler.max_running, fixed.scheduler.prefill_budget, fixed.scheduler.encode_budget) == (7, 96, 512)
+    assert fixed.scheduler.mixed_budget == 32 and engine().scheduler.mixed_budget is None
+    for flag in ("--mixed-token-budget", "--max-num-batched-tokens", "--encode-token-budget"):
+        with pytest.raises(SystemExit, match=f"{flag} must be at least 1, got 0"):
+            engine(flag, "0")
     assert fixed.config.mixed_batches and not engine("--no-mixed-batches").config.mixed_batches
     assert fixed.config.enable_prefix_cache and not engine("--no-prefix-cache").config.enable_prefix_cache
     tight = engine("--tpot-target-ms", "0.001")

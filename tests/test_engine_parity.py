@@ -48,11 +48,14 @@ def test_ragged_batch_matches_transformers(tiny_model_dir, expected, overrides):
     {},
     {"attention_backend": "sdpa_padded"},
     {"mixed_batches": False},
+    {"mixed_token_budget": 8},
 ])
 def test_arrivals_during_decode_match_transformers(tiny_model_dir, expected, overrides):
     """A request arriving every second step prefills while earlier ones decode: with `mixed_batches`
-    (the default) both share one forward pass, and the tokens stay transformers'."""
+    (the default) both share one forward pass, and the tokens stay transformers'. While any request
+    decodes, a step prefills at most `mixed_token_budget` tokens; alone, up to the prefill budget."""
     engine = Engine(tiny_model_dir, enable_prefix_cache=False, prefill_token_budget=64, **overrides)
+    steps = _record_steps(engine)
     sp, rids, acc = SamplingParams(max_new_tokens=MAX_NEW), {}, {}
     queue = list(PROMPTS)
     for step in range(2000):
@@ -68,6 +71,22 @@ def test_arrivals_during_decode_match_transformers(tiny_model_dir, expected, ove
     mixed = engine.stage_seconds.get("mixed", 0.0) > 0
     assert mixed == overrides.get("mixed_batches", True)
     assert engine.stats["decode_tokens"] == sum(len(ids) - 1 for ids in expected.values())
+    beside_decode = max(tokens for rows, tokens in steps if rows)
+    assert beside_decode == (8 if "mixed_token_budget" in overrides else 64)
+    assert max(tokens for rows, tokens in steps if not rows) > 8  # the first prompt, alone, in one step
+
+
+def _record_steps(engine: Engine) -> list[tuple[int, int]]:
+    """(decode rows, prefill tokens) of every step the scheduler plans."""
+    steps, schedule = [], engine.scheduler.schedule
+
+    def recorded(*args, **kwargs):
+        plan = schedule(*args, **kwargs)
+        steps.append((len(plan.decode), sum(c.end - c.start for c in plan.prefill)))
+        return plan
+
+    engine.scheduler.schedule = recorded
+    return steps
 
 
 def test_prefill_logits_match_transformers(tiny_model_dir, hf_model, processor):

@@ -237,3 +237,33 @@ def test_a_few_decode_rows_wait_for_the_encoder_beside_them_as_the_engine_does()
     assert b == pytest.approx([145, 155], abs=1e-9)
     (a, b) = token_times(0.0)
     assert a == pytest.approx([10, 20, 30, 40, 50, 60, 70, 80], abs=1e-9)
+
+
+@dataclass
+class PerToken(Fixed):
+    """Prefill at `prefill` ms per prompt token."""
+
+    def prefill_ms(self, tokens, threads):
+        return self.prefill * tokens
+
+
+@pytest.mark.parametrize("mixed, a_tokens, b_first", [
+    # A (10 tokens, 4 out) prefills alone [0, 100]. B (30 tokens) arrives at 50. Without a mixed budget,
+    # step 2 decodes A beside all of B: 20 + 300 -> 420; then 440, 460.
+    (None, [100, 420, 440, 460], 420),
+    # With 10 tokens beside decode rows, B takes three steps of 20 + 100 ms: A's gaps stay 120.
+    (10, [100, 220, 340, 460], 460),
+])
+def test_a_mixed_budget_chunks_the_prefill_that_decoding_requests_ride_in(mixed, a_tokens, b_first):
+    budgets = Budgets(prefill_token_budget=30, encode_token_budget=1, max_running=256, mixed_token_budget=mixed)
+    sim = Simulation(EPD, PerToken(prefill=10.0, decode=20.0), budgets, cores=None)
+    sim.run([SimRequest(0.0, (), 10, 4), SimRequest(50.0, (), 30, 3)], LOOSE)
+    a, b = sim.flights
+    assert a.tokens == pytest.approx(a_tokens, abs=1e-9)
+    assert b.tokens[0] == pytest.approx(b_first, abs=1e-9)
+
+
+def test_a_mixed_budget_leaves_a_prompt_alone_unchunked():
+    budgets = Budgets(prefill_token_budget=30, encode_token_budget=1, max_running=256, mixed_token_budget=10)
+    sim = Simulation(EPD, PerToken(prefill=10.0), budgets, cores=None)
+    assert sim.run([SimRequest(50.0, (), 30, 1)], LOOSE).ttft_ms == pytest.approx([300], abs=1e-9)

@@ -25,6 +25,7 @@ class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVManager, encoder_cache: EncoderCache) -> None:
         self.config, self.kv, self.encoder_cache = config, kv, encoder_cache
         self.prefill_budget = config.prefill_token_budget
+        self.mixed_budget = config.mixed_token_budget
         self.encode_budget = config.encode_tokens
         self.max_running = config.max_running
         self.waiting: list[Req] = []
@@ -94,7 +95,7 @@ class Scheduler:
         return chunks
 
     def _schedule_prefill(self, plan: StepPlan) -> list[Chunk]:
-        chunks, budget = [], self.prefill_budget
+        chunks, budget = [], self._prefill_tokens()
         for req in list(self.waiting):
             if budget <= 0 or len(self.running) + len(chunks) >= self.max_running:
                 break
@@ -108,6 +109,12 @@ class Scheduler:
             chunks.append(Chunk(req, req.num_computed, end))
             budget -= end - req.num_computed
         return chunks
+
+    def _prefill_tokens(self) -> int:
+        """A prefill chunk stalls every decoding request for its length: while any decode, the mixed budget."""
+        if self.mixed_budget is None or not self.running:
+            return self.prefill_budget
+        return min(self.prefill_budget, self.mixed_budget)
 
     @staticmethod
     def _cacheable_prefix(req: Req) -> int:

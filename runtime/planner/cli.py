@@ -51,6 +51,8 @@ def add_plan_parser(subparsers: "argparse._SubParsersAction") -> None:
     r.add_argument("--gpu-unit", type=int, default=None, help="--gpus: count instances in steps of this (default N/8)")
     r.add_argument("--simulate-top", type=int, default=12,
                    help="--gpus: simulate only this many candidates with the highest capacity bound (and EPD)")
+    r.add_argument("--mixed-token-budget", type=int, default=None,
+                   help="plan (and --validate launches) with `epd serve --mixed-token-budget N`")
     r.add_argument("--transfer", choices=("shm", "zmq"), default="shm", help="data plane")
     r.add_argument("--candidates", default=None, help="';'-separated specs to consider (default: all that fit)")
     o = p.add_argument_group("profile, validation and output")

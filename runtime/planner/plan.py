@@ -106,7 +106,7 @@ def build_plan(args: argparse.Namespace, model_dir: Path, requests: list) -> Pla
     else:
         costs, shapes, data, path = measured_costs(args, model_dir, requests, specs)
     host = {} if args.gpus else CPU_HOST
-    budgets = Budgets(**{**host, **data.get("budgets", {})})
+    budgets = Budgets(**{**host, **data.get("budgets", {}), "mixed_token_budget": args.mixed_token_budget})
     for name in ("stream_ms_per_token", "client_ms_per_token"):
         if getattr(args, name, None) is not None:
             setattr(costs, name, getattr(args, name))

@@ -12,8 +12,9 @@ What it models, as the code does it (runtime/cluster/router.py, runtime/engine/s
 - per instance an encoder worker (batches image jobs FIFO up to `encode_token_budget`; in a hybrid it
   runs beside LM work, as the encoder thread does) and an LM worker whose step is one decode batch of
   every running request plus a prefill batch of waiting, image-ready requests up to
-  `prefill_token_budget` tokens (chunked) and `max_running` requests, decode first; a decode-only step of
-  fewer than DECODE_WAIT_ROWS rows waits for the encoder beside it up to `decode_wait_ms`, as the engine's;
+  `prefill_token_budget` tokens (`mixed_token_budget` while any decode; chunked) and `max_running`
+  requests, decode first; a decode-only step of fewer than DECODE_WAIT_ROWS rows waits for the encoder
+  beside it up to `decode_wait_ms`, as the engine's;
 - transfers (pixels, embeddings, KV) as delays of `transfer_ms(bytes)`;
 - the SLO as `epd bench` checks it: TTFT <= target and the p90 of the request's own inter-token gaps <= target.
 What it leaves out: prefix and encoder cache hits (workloads with distinct images and prompts),
@@ -61,8 +62,7 @@ class Budgets:
     encode_token_budget: int = ENCODE_TOKENS_ACCELERATOR  # `epd plan --cores` plans with CPU_HOST's
     max_running: int = EngineConfig.max_running
     decode_wait_ms: float = 0.0  # `epd plan --cores` plans with CPU_HOST's
-
-
+    mixed_token_budget: int | None = None  # prefill tokens per step while requests decode; None: prefill's
 
 @dataclass(eq=False)
 class Flight:
@@ -319,7 +319,9 @@ class Simulation:
 
     def _prefill_chunks(self, n: Node) -> list[tuple[Flight, int]]:
         chunks: list[tuple[Flight, int]] = []
-        budget = self.budgets.prefill_token_budget
+        budget, mixed = self.budgets.prefill_token_budget, self.budgets.mixed_token_budget
+        if mixed is not None and n.running:
+            budget = min(budget, mixed)
         for f in n.waiting:
             if budget <= 0 or len(n.running) + len(chunks) >= self.budgets.max_running:
                 break

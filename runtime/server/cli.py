@@ -49,6 +49,9 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="requests decoding at once, per instance")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="prompt tokens per prefill step (longer prompts are chunked), per instance")
+    p.add_argument("--mixed-token-budget", type=int, default=None,
+                   help="prompt tokens per step while requests are decoding, per instance: bounds the gap a prefill "
+                        "puts between their tokens (default: --max-num-batched-tokens)")
     p.add_argument("--encode-token-budget", type=int, default=None,
                    help="image tokens per encode batch (default: 256 on CPU, 4096 on an accelerator)")
     p.add_argument("--decode-wait-ms", type=float, default=None,
@@ -81,11 +84,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit(f"--instances {args.instances!r}: {exc}") from None
     if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
         raise SystemExit(f"--max-waiting-requests must be at least 1, got {args.max_waiting_requests}")
+    for flag in ("max_num_batched_tokens", "mixed_token_budget", "encode_token_budget"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     model = resolve_model(args.model)
     overrides = {"kv_cache_bytes": args.kv_cache_mb and args.kv_cache_mb << 20,
                  "encoder_cache_bytes": args.encoder_cache_mb and args.encoder_cache_mb << 20,
                  "max_model_len": args.max_model_len,
                  "max_running": args.max_num_seqs, "prefill_token_budget": args.max_num_batched_tokens,
+                 "mixed_token_budget": args.mixed_token_budget,
                  "encode_token_budget": args.encode_token_budget, "tpot_target_ms": args.tpot_target_ms,
                  "decode_wait_ms": args.decode_wait_ms,
                  "mixed_batches": False if args.no_mixed_batches else None,
