@@ -128,9 +128,11 @@ def test_front_cost_is_the_api_servers_cpu_through_http():
     assert token_ms > 0 and client_ms > 0
 
 
-def test_plan_refuses_gpus_without_a_device_profile():
+def test_plan_refuses_gpus_without_a_device_profile_and_a_budget_below_1():
     with pytest.raises(SystemExit, match="device-profile"):
         main(["plan", "tiny-random", "--gpus", "8"])
+    with pytest.raises(SystemExit, match="--mixed-token-budget must be at least 1, got 0"):
+        main(["plan", "tiny-random", "--mixed-token-budget", "0"])
 
 
 def test_arrivals_are_those_epd_bench_draws():

@@ -111,6 +111,8 @@ def check(args: argparse.Namespace) -> None:
         raise SystemExit("--validate runs topologies on this machine; it does not combine with --gpus")
     if args.num_prompts < 1:
         raise SystemExit("--num-prompts must be at least 1")
+    if args.mixed_token_budget is not None and args.mixed_token_budget < 1:
+        raise SystemExit(f"--mixed-token-budget must be at least 1, got {args.mixed_token_budget}")
 
 
 def plan(args: argparse.Namespace) -> int:

@@ -64,6 +64,7 @@ class Budgets:
     decode_wait_ms: float = 0.0  # `epd plan --cores` plans with CPU_HOST's
     mixed_token_budget: int | None = None  # prefill tokens per step while requests decode; None: prefill's
 
+
 @dataclass(eq=False)
 class Flight:
     spec: SimRequest
