@@ -291,3 +291,12 @@ def test_cross_process(prefix, tmp_path):
     assert receiver.returncode == 0, err
     assert out.splitlines() == [digest(shm_src), digest(zmq_src)]
     assert list_segments(prefix) == []
+
+
+@pytest.mark.parametrize("backend", ["shm", "zmq"])
+def test_export_of_a_strided_view_sends_its_values_in_row_major_order(backend, prefix):
+    transfer = make_transfer(backend, prefix)
+    src = torch.arange(24, dtype=torch.float32).reshape(4, 6).t()[1:]  # (5, 4), not contiguous
+    handle, frames = transfer.export(src)
+    assert torch.equal(transfer.open(handle, frames, shape=(5, 4)), src)
+    assert list_segments(prefix) == []
