@@ -48,7 +48,7 @@ def _as_tuple(value: int | Sequence[int] | None) -> tuple[int, ...]:
 class Processor:
     """Turns chat messages, raw prompts or token ids plus images into a `PreparedPrompt`."""
 
-    def __init__(self, model_dir: str | Path, *, max_pixels: int | None = None) -> None:
+    def __init__(self, model_dir: str | Path, *, max_pixels: int | None = None, compact_pixels: bool = False) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         from runtime.models import read_config
@@ -63,6 +63,8 @@ class Processor:
         self.image_processor = AutoImageProcessor.from_pretrained(self.model_dir, backend="pil", **kwargs)
         ip = self.image_processor
         self._fast_pixels = Qwen2VLPixels(ip) if Qwen2VLPixels.supports(ip) else None
+        # uint8 pixels for a process that sends them on: the one that runs the tower expands them (`tower_pixels`)
+        self.compact_pixels = compact_pixels and self._fast_pixels is not None
         config = _read_json(self.model_dir / "config.json")
         text_config = config.get("text_config", config)
         self.model_type: str = config.get("model_type", "")
@@ -113,11 +115,27 @@ class Processor:
 
     def _pixels(self, img: Image.Image) -> tuple[Any, tuple[int, int, int], int]:
         if self._fast_pixels is not None:
-            pixel_values, grid = self._fast_pixels(img)
+            make = self._fast_pixels.compact if self.compact_pixels else self._fast_pixels
+            pixel_values, grid = make(img)
             return pixel_values, grid, self._num_tokens(grid)
         out = self.image_processor(images=[img], return_tensors="pt")
         grid, num_tokens = self._grid(out)
         return out["pixel_values"].float(), grid, num_tokens
+
+    def tower_pixels(self, pixels: Any) -> Any:
+        """The tower's input from an `ImageInput.pixel_values`: as it is, or expanded from the compact uint8 form."""
+        if str(pixels.dtype) != "torch.uint8":
+            return pixels
+        if self._fast_pixels is None:
+            raise ImageError("compact uint8 pixels reached a model whose processor has no compact form")
+        try:
+            return self._fast_pixels.expand(pixels)
+        except ValueError as e:
+            raise ImageError(str(e)) from None
+
+    def pixel_pattern(self, dtype: str, model_shape: tuple) -> tuple:
+        """The shape a received pixel tensor of `dtype` must have: the compact form's, or the model's own."""
+        return self._fast_pixels.compact_shape() if dtype == "uint8" and self._fast_pixels else model_shape
 
     def _grid(self, out: Any) -> tuple[tuple[int, int, int], int]:
         """The image's patch grid (frames, rows, columns) and its placeholder-token count."""

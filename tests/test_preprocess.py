@@ -217,3 +217,41 @@ def test_fast_pixels_are_bit_identical_to_transformers(model: str):
         assert list(got.grid_thw) == ref["image_grid_thw"][0].tolist()
     with pytest.raises(ImageError):  # transformers' own limit on the aspect ratio still applies
         proc.process_image(Image.new("RGB", (20000, 50)))
+
+
+def test_compact_pixels_expand_to_transformers_bits():
+    """The API server sends uint8 patches, one frame (an eighth of the bytes); the instance that runs the
+    tower expands them to exactly the checkpoint processor's float32 pixels."""
+    import numpy as np
+
+    from runtime.tiny_model import resolve_model
+
+    model = resolve_model("tiny-random")
+    compact, full = Processor(model, compact_pixels=True), Processor(model)
+    rng = np.random.default_rng(1)
+    for w, h in [(224, 224), (448, 336), (29, 31), (1000, 300)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        sent, ref = compact.process_image(img), full.process_image(img)
+        assert sent.pixel_values.dtype == torch.uint8 and sent.grid_thw == ref.grid_thw
+        assert sent.pixel_values.nbytes * 8 == ref.pixel_values.nbytes
+        assert sent.content_hash == ref.content_hash and sent.num_tokens == ref.num_tokens
+        assert torch.equal(full.tower_pixels(sent.pixel_values), ref.pixel_values), (w, h)
+        assert full.tower_pixels(ref.pixel_values) is ref.pixel_values  # float pixels pass through
+    assert full.pixel_pattern("uint8", (None, None)) == (None, 3, 14, 14)
+    assert full.pixel_pattern("float32", (None, None)) == (None, None)
+
+
+def test_malformed_compact_pixels_are_an_image_error(processor: Processor):
+    for bad in (torch.zeros(4, 3, 14, 13, dtype=torch.uint8), torch.zeros(4, 588, dtype=torch.uint8)):
+        with pytest.raises(ImageError, match="compact pixels"):
+            processor.tower_pixels(bad)
+
+
+def test_llava_has_no_compact_form_and_refuses_uint8_pixels():
+    from runtime.tiny_model import resolve_model
+
+    proc = Processor(resolve_model("tiny-llava"), compact_pixels=True)
+    assert not proc.compact_pixels
+    assert proc.process_image(make_image("red", (64, 64))).pixel_values.dtype == torch.float32
+    with pytest.raises(ImageError, match="no compact form"):
+        proc.tower_pixels(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))

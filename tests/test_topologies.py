@@ -1,5 +1,6 @@
 """Same tokens on every topology: each role set runs in its own processes, and the greedy (and seeded)
-outputs equal the single-process `runtime.Engine`'s, request for request."""
+outputs equal the single-process `runtime.Engine`'s, request for request (the deployment's compact uint8
+pixels against the engine's float32 ones)."""
 from __future__ import annotations
 
 import pytest
@@ -56,6 +57,8 @@ def test_tokens_equal_engine_on_every_topology(spec, transfer, tiny_model_dir, r
         assert len(pids) == len(dep.topology.instances)
         named = cases()
         msgs = [prepare(dep, request, params, rid=name) for name, (request, params) in named.items()]
+        # the instances get an eighth of the pixel bytes (uint8, one frame) and expand them to the same bits
+        assert {str(im.pixel_values.dtype) for m in msgs for im in m.images} == {"torch.uint8"}
         results = run_all(dep, msgs)
         for name, outs in zip(named, results):
             assert not isinstance(outs, BaseException), f"{name}: {outs}"

@@ -49,7 +49,7 @@ class Deployment:
         `switch_policy`: the switcher's thresholds and checks (default `SwitchPolicy()`)."""
         self.model_path = str(model)
         self.topology = instances if isinstance(instances, Topology) else parse_topology(instances)
-        self.processor = Processor(model)
+        self.processor = Processor(model, compact_pixels=True)  # uint8 pixels to the instances
         self.ray = _connect_ray(ray, self.topology)
         self.id = uuid.uuid4().hex[:12]
         self.segment_prefix = f"epd-{self.id}"

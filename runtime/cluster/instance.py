@@ -140,8 +140,10 @@ class Instance:
     def _open_pixels(self, images, data: list) -> dict[str, torch.Tensor]:
         sent = list({im.content_hash: im for im in images if im.pixels is not None}.values())
         frames = wire.split_frames([im.pixels for im in sent], data)
-        shape = self.engine.model.pixel_shape()  # the model's pixel layout: patches, or fixed-size images
-        return {im.content_hash: self.transfer.open(im.pixels, f, shape=shape) for im, f in zip(sent, frames)}
+        model_shape = self.engine.model.pixel_shape()  # the model's pixel layout: patches, or fixed-size images
+        pattern = self.engine.processor.pixel_pattern
+        return {im.content_hash: self.transfer.open(im.pixels, f, shape=pattern(im.pixels.dtype, model_shape))
+                for im, f in zip(sent, frames)}
 
     def _adopt(self, msg: Handoff, data: list) -> None:
         n = len(msg.req.input_ids)

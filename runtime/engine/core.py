@@ -207,7 +207,8 @@ class Engine:
     def _timed_encode(self, images: list) -> list[torch.Tensor]:
         self.threads.apply(self._lm_busy and not self.threads.on_loop_thread())
         t0 = time.perf_counter()
-        out = self.runner.encode([im.pixel_values for im in images], [im.grid_thw for im in images])
+        pixels = [self.processor.tower_pixels(im.pixel_values) for im in images]
+        out = self.runner.encode(pixels, [im.grid_thw for im in images])
         self.stage_seconds["encode"] += time.perf_counter() - t0
         self.stage_passes["encode"] += 1
         return out

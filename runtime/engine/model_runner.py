@@ -66,7 +66,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def encode(self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-        pixels = torch.cat(pixel_values).to(self.model.dtype)
+        pixels = pixel_values[0] if len(pixel_values) == 1 else torch.cat(pixel_values)  # one image: no copy
+        pixels = pixels.to(self.model.dtype)
         return self.model.encode(pixels, torch.tensor(grids, dtype=torch.long))
 
     @torch.inference_mode()

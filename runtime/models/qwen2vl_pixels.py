@@ -36,23 +36,41 @@ class Qwen2VLPixels:
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Return (pixel_values [patches, 3 * temporal * patch * patch] float32, grid (1, rows, columns))."""
+        compact, grid = self.compact(img)
+        return self.expand(compact), grid
+
+    def compact(self, img: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """The resized image's uint8 values in the processor's patch order, one frame: `[patches, 3, patch,
+        patch]`, an eighth of the bytes of `__call__`'s output, from which `expand` makes exactly that."""
         width, height = img.size
         rh, rw = smart_resize(height, width, factor=self.patch * self.merge,
                               min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         if (rw, rh) != img.size:
             img = img.resize((rw, rh), resample=self.resample)
-        p, m, t = self.patch, self.merge, self.temporal
+        p, m = self.patch, self.merge
         gh, gw = rh // p, rw // p
         # (H, W, C) -> (gh/m, gw/m, m, m, C, p, p): the processor's patch order and per-patch layout
         blocks = np.asarray(img, dtype=np.uint8).reshape(gh // m, m, p, gw // m, m, p, 3)
-        blocks = blocks.transpose(0, 3, 1, 4, 6, 2, 5)
-        out = torch.empty((gh * gw, 3, t, p, p), dtype=torch.float32)
-        frames = out.numpy().reshape(gh // m, gw // m, m, m, 3, t, p, p)
-        for c in range(3):  # the table lookup writes straight into the first frame's patch layout
-            np.take(self._lut[c], blocks[:, :, :, :, c], out=frames[:, :, :, :, c, 0], mode="clip")
-        frames[:, :, :, :, :, 1:] = frames[:, :, :, :, :, :1]  # the temporal copies of the one frame
-        return out.view(gh * gw, 3 * t * p * p), (1, gh, gw)
+        blocks = np.ascontiguousarray(blocks.transpose(0, 3, 1, 4, 6, 2, 5))
+        return torch.from_numpy(blocks).view(gh * gw, 3, p, p), (1, gh, gw)
 
+    def compact_shape(self) -> tuple[None, int, int, int]:
+        return (None, 3, self.patch, self.patch)
+
+    def expand(self, compact: torch.Tensor) -> torch.Tensor:
+        """`compact`'s output as the tower's float32 `[patches, 3 * temporal * patch * patch]`, with the
+        values transformers' processor gives (a lookup through its own arithmetic) and its temporal copy."""
+        p, t = self.patch, self.temporal
+        if compact.dtype != torch.uint8 or compact.dim() != 4 or tuple(compact.shape[1:]) != (3, p, p):
+            raise ValueError(f"compact pixels must be uint8 [patches, 3, {p}, {p}], got {compact.dtype} "
+                             f"{tuple(compact.shape)}")
+        n = compact.shape[0]
+        out = torch.empty((n, 3, t, p, p), dtype=torch.float32)
+        frames, src = out.numpy(), compact.numpy()
+        for c in range(3):  # the table lookup writes straight into the first frame
+            np.take(self._lut[c], src[:, c], out=frames[:, c, 0], mode="clip")
+        frames[:, :, 1:] = frames[:, :, :1]  # the temporal copies of the one frame
+        return out.view(n, 3 * t * p * p)
 
 def _lookup_table(scale: float, mean, std) -> np.ndarray:
     """Every uint8 value of each channel through transformers' own rescale and normalize arithmetic."""

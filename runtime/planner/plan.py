@@ -69,7 +69,7 @@ def measured_costs(args: argparse.Namespace, model_dir: Path, requests: list, sp
     data = profile.load_or_new(path, model_dir)
     profiler = profile.Profiler(model_dir, data)
     try:
-        prepared, images = prepare_all(profiler.engine.processor, [r.messages for r in requests])
+        prepared, images = prepare_all(serving_processor(model_dir), [r.messages for r in requests])
         res = resources(args)
         threads = sorted({t for s in specs for _, _, t in res.nodes(s)})
         measured = [profiler.ensure(t, images) for t in threads]
@@ -83,13 +83,18 @@ def measured_costs(args: argparse.Namespace, model_dir: Path, requests: list, sp
     return ProfileCosts(data, args.transfer), shapes, data, str(path)
 
 
-def device_costs(args: argparse.Namespace, model_dir: Path, requests: list):
+def serving_processor(model_dir: Path):
+    """Preprocessing as the API server does it, so pixel bytes are the ones it sends."""
     from runtime.preprocess import Processor
 
+    return Processor(model_dir, compact_pixels=True)
+
+
+def device_costs(args: argparse.Namespace, model_dir: Path, requests: list):
     path = cli.device_profile_path(args.device_profile)
     data = cli.load_json(path)
     front = data["front_ms"]
-    prepared, _ = prepare_all(Processor(model_dir), [r.messages for r in requests])
+    prepared, _ = prepare_all(serving_processor(model_dir), [r.messages for r in requests])
     shapes = shapes_of([r.messages for r in requests], prepared, [r.output_len for r in requests],
                        lambda key, msgs, n: front["per_request"] + n * front["per_image"])
     print(f"device profile: {path} ({data.get('device', '?')}; source: {data.get('source', '?')})")

@@ -33,8 +33,9 @@ from runtime.engine.calibrate import best_ms
 from runtime.planner.front import FrontMeter, can_measure
 
 log = logging.getLogger(__name__)
-VERSION = 5  # 2: LM stages at the table's thread count (v1 ran them at every core); 3: front and stream via HTTP;
-# 4: decode rows with every request running through the timed steps; 5: SDPA decode grouped by context (mean)
+VERSION = 6  # 2: LM stages at the table's thread count (v1 ran them at every core); 3: front and stream via HTTP;
+# 4: decode rows with every request running through the timed steps; 5: SDPA decode grouped by context (mean);
+# 6: encode includes expanding the compact uint8 pixels the API server now sends (and front their smaller copy)
 THREADS_KEY = "threads"
 PREFILL_TOKENS = (16, 64, 256, 512, 1024, 2048)
 DECODE_BATCHES = (1, 4, 16, 32, 64, 128)
@@ -127,8 +128,9 @@ class Profiler:
         return json.dumps(t, sort_keys=True) != before
 
     def _encode(self, image: Any, batch: int) -> float:
-        runner = self.engine.runner
-        return best_ms(lambda: runner.encode([image.pixel_values] * batch, [tuple(image.grid_thw)] * batch))
+        runner, tower_pixels = self.engine.runner, self.engine.processor.tower_pixels  # expanding, as serving does
+        return best_ms(lambda: runner.encode([tower_pixels(image.pixel_values) for _ in range(batch)],
+                                             [tuple(image.grid_thw)] * batch))
 
     def _ids(self, n: int) -> tuple[int, ...]:
         return tuple(int(x) for x in self.rng.choice(self.plain, n))
