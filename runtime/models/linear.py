@@ -7,7 +7,10 @@ avoids that. Where it wins depends on the layer's width (Intel Xeon with AVX-512
 - 64-256 rows on 1024-wide layers (a 110-token prefill of the small model): 20-35% faster; at 1024 rows equal;
 - on 256-wide layers from 64 rows on: no faster, and on another Xeon slower.
 So a layer with both sides at least `WIDE` uses the packed copy for every input of 2 rows or more, and a
-narrower one only up to `SMALL_ROWS`. One row stays with MKL's GEMV, which already runs at memory speed.
+narrower one only up to `SMALL_ROWS`. One row uses the packed copy when the weight holds more than
+`WIDE`² values: on a 2-core AMD EPYC (AVX2), MKL's one-row GEMV streamed a 1024x5632 weight at 18 GB/s and
+oneDNN at 46 GB/s (1.2 against 0.47 ms; 8064x1024: 2.1 against 1.1 ms), while below about a megabyte
+oneDNN's call overhead loses (256x256: 12 against 35 us).
 The rule is fixed, not timed at start-up, so every process of a deployment computes the same bits. The
 cost is one extra copy of the packed layers' weights. Results differ from `F.linear` by rounding only.
 """
@@ -24,13 +27,15 @@ WIDE = 512
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` that multiplies inputs of 2 to `packed_rows` rows with `packed`, when a backend set it."""
+    """`nn.Linear` that multiplies inputs of `packed_min_rows` to `packed_rows` rows with `packed`, when a
+    backend set it."""
 
     packed: torch.Tensor | None = None
     packed_rows: int = 0
+    packed_min_rows: int = 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.dim() == 2 and 1 < x.shape[0] <= self.packed_rows:
+        if self.packed is not None and x.dim() == 2 and self.packed_min_rows <= x.shape[0] <= self.packed_rows:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -61,4 +66,5 @@ def pack_linears(module: nn.Module, backend: str = "auto") -> str:
         if isinstance(layer, Linear):
             layer.packed = None if pack is None else pack(layer.weight)
             layer.packed_rows = 1 << 62 if min(layer.weight.shape) >= WIDE else SMALL_ROWS
+            layer.packed_min_rows = 1 if layer.weight.numel() > WIDE * WIDE else 2
     return backend
