@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {"Engine": "runtime.engine.core", "Completion": "runtime.engine.core", "EngineConfig": "runtime.config",
+_LAZY = {"Engine": "runtime.engine.core", "Completion": "runtime.engine.completion", "EngineConfig": "runtime.config",
          "Deployment": "runtime.cluster.deployment", "ensure_tiny_model": "runtime.tiny_model"}
 
 __all__ = sorted(_LAZY)

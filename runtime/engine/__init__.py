@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_OFFERS = {"Engine": "core", "Completion": "core", "Scheduler": "scheduler", "Req": "request",
+_OFFERS = {"Engine": "core", "Completion": "completion", "Scheduler": "scheduler", "Req": "request",
            "PageAllocator": "page_allocator", "RadixCache": "radix_cache", "KVManager": "kv_manager",
            "RadixKVManager": "kv_manager", "EncoderCache": "encoder_cache", "ModelRunner": "model_runner",
            "GrammarCompiler": "grammar", "IncrementalDetokenizer": "detokenizer"}

@@ -7,7 +7,6 @@ import uuid
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -18,10 +17,12 @@ from epdlang.sampling import SamplingParams
 from runtime.config import DECODE_WAIT_ROWS, EngineConfig
 from runtime.engine.admission import check_fits
 from runtime.engine.calibrate import Budgets, calibrate
+from runtime.engine.completion import Completion, merge_deltas
 from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.engine.encoder_cache import EncoderCache
 from runtime.engine.kv_setup import build_kv, build_kv_manager
 from runtime.engine.model_runner import Chunk, ChunkLogits, ModelRunner
+from runtime.engine.overlap import OverlapChooser
 from runtime.engine.request import Req, Status
 from runtime.engine.sampler import SamplingState, prompt_logprobs, sample
 from runtime.engine.scheduler import Scheduler
@@ -34,22 +35,6 @@ if TYPE_CHECKING:
     from runtime.engine.grammar import GrammarCompiler
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Completion:
-    """The finished result of one request, accumulated from its deltas."""
-
-    rid: str
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str | None
-    prompt_tokens: int
-    cached_tokens: int
-    logprobs: tuple = ()
-    prompt_logprobs: tuple = ()
-    matched_stop: str | int | None = None
-    error: str | None = None
 
 
 class Engine:
@@ -74,9 +59,10 @@ class Engine:
         self.stage_seconds: Counter[str] = Counter()  # forward-pass time by stage: encode, prefill, mixed, decode
         self.stage_passes: Counter[str] = Counter()
         self._grammar = None
-        overlap = self.config.overlap_encode and None not in (self.model.visual, self.model.lm)
-        self.threads = ThreadShare(split=self.config.device == "cpu"
-                                   and None not in (self.model.visual, self.model.lm))
+        both = None not in (self.model.visual, self.model.lm)
+        overlap = self.config.overlap_encode is not False and both
+        self.threads = ThreadShare(split=self.config.device == "cpu" and both)
+        self.overlap = OverlapChooser(self.config.overlap_encode)
         self._lm_busy = False
         self._last_decode = 0.0
         self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="encoder") if overlap else None
@@ -192,8 +178,9 @@ class Engine:
             image = req.msg.images[i]
             todo.setdefault(image.content_hash, (image, []))[1].append((req, i))
         images = [image for image, _ in todo.values()]
+        beside = beside_lm and bool(self._encoder_pool) and self.overlap.beside()
         job = lambda: self._timed_encode(images)  # noqa: E731
-        future = self._encoder_pool.submit(job) if self._encoder_pool and beside_lm else _done(job)
+        future = self._encoder_pool.submit(job) if beside else _done(job)
         self._encode_job = (future, list(todo.values()))
 
     def set_num_threads(self, n: int) -> None:
@@ -210,6 +197,7 @@ class Engine:
         pixels = [self.processor.tower_pixels(im.pixel_values) for im in images]
         out = self.runner.encode(pixels, [im.grid_thw for im in images])
         self.stage_seconds["encode"] += time.perf_counter() - t0
+        self.overlap.record("tower", time.perf_counter() - t0)
         self.stage_passes["encode"] += 1
         return out
 
@@ -239,6 +227,7 @@ class Engine:
             self._last_decode = time.perf_counter()
         stage = "decode" if is_decode else "mixed" if decoded else "prefill"
         self.stage_seconds[stage] += time.perf_counter() - t0
+        self.overlap.record("lm", time.perf_counter() - t0)
         self.stage_passes[stage] += 1
         self.stats["decode_tokens"] += decoded
         self.stats["prefill_tokens"] += sum(c.num_tokens for c in chunks) - decoded
@@ -342,7 +331,7 @@ class Engine:
             for out in self.step():
                 if out.rid in acc:
                     acc[out.rid].append(out)
-        return [_merge(rid, acc[rid]) for rid in rids]
+        return [merge_deltas(rid, acc[rid]) for rid in rids]
 
     def snapshot(self) -> dict[str, float]:
         """Queue depth, KV and cache figures, and the stats counters (call it on the engine's thread)."""
@@ -387,14 +376,3 @@ def _done(fn) -> Future:
     future: Future = Future()
     future.set_result(fn())
     return future
-
-
-def _merge(rid: str, deltas: list[RequestOutput]) -> Completion:
-    last = deltas[-1] if deltas else RequestOutput(rid=rid, finish_reason="abort", finished=True)
-    return Completion(
-        rid=rid, text="".join(d.new_text for d in deltas),
-        token_ids=tuple(t for d in deltas for t in d.new_token_ids),
-        finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens, cached_tokens=last.cached_tokens,
-        logprobs=tuple(lp for d in deltas for lp in d.logprobs),
-        prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs), ()),
-        matched_stop=last.matched_stop, error=last.error)

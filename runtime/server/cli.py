@@ -62,8 +62,10 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--no-prefix-cache", action="store_true", help="no radix prefix cache (prompts prefilled whole)")
     p.add_argument("--no-mixed-batches", action="store_true",
                    help="decode and prefill in separate forward passes (default: decode rows ride in the prefill's)")
-    p.add_argument("--no-overlap-encode", action="store_true",
-                   help="run the vision tower inside the engine step, not on its own thread beside LM work")
+    p.add_argument("--overlap-encode", choices=("auto", "on", "off"), default=None,
+                   help="the vision tower on its own thread beside LM work (on), inside the engine step (off), or "
+                        "chosen per encode from the stages' recent work (auto, the default)")
+    p.add_argument("--no-overlap-encode", action="store_true", help="the same as --overlap-encode off")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads in all (split over the instances)")
     p.add_argument("--max-waiting-requests", type=int, default=None,
                    help="requests waiting for a first token at most; beyond it 503 with Retry-After (default: no cap)")
@@ -75,6 +77,9 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
                    help="JSON output may contain any whitespace (default: compact; a request's x-guidance overrides)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(handler=serve)
+
+
+_OVERLAP = {"auto": "auto", "on": True, "off": False}
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -97,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                  "encode_token_budget": args.encode_token_budget, "tpot_target_ms": args.tpot_target_ms,
                  "decode_wait_ms": args.decode_wait_ms,
                  "mixed_batches": False if args.no_mixed_batches else None,
-                 "overlap_encode": False if args.no_overlap_encode else None,
+                 "overlap_encode": False if args.no_overlap_encode else _OVERLAP.get(args.overlap_encode),
                  "enable_prefix_cache": False if args.no_prefix_cache else None,
                  "json_whitespace_flexible": args.json_whitespace_flexible or None,
                  "role_switching": args.role_switching or None}
