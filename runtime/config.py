@@ -38,8 +38,8 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     encoder_cache_bytes: int = 256 << 20
     tpot_target_ms: float | None = None  # when set, budgets are calibrated at start-up
-    # the vision tower on a second thread beside LM work: True, False, or "auto" (chosen per encode from the
-    # stages' recent work and their measured 2-thread speedups: runtime/engine/overlap.py)
+    # the vision tower on a second thread beside LM work: True, False, or "auto" (chosen per encode from each
+    # stage's share of the recent pass time: runtime/engine/overlap.py)
     overlap_encode: bool | Literal["auto"] = "auto"
     decode_wait_ms: float | None = None  # a decode-only step waits this long for the tower; None: by device
     load_vision: bool = True

@@ -196,8 +196,9 @@ class Engine:
         t0 = time.perf_counter()
         pixels = [self.processor.tower_pixels(im.pixel_values) for im in images]
         out = self.runner.encode(pixels, [im.grid_thw for im in images])
-        self.stage_seconds["encode"] += time.perf_counter() - t0
-        self.overlap.record("tower", time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.stage_seconds["encode"] += seconds
+        self.overlap.record("tower", seconds)
         self.stage_passes["encode"] += 1
         return out
 
@@ -226,8 +227,9 @@ class Engine:
         if decoded:
             self._last_decode = time.perf_counter()
         stage = "decode" if is_decode else "mixed" if decoded else "prefill"
-        self.stage_seconds[stage] += time.perf_counter() - t0
-        self.overlap.record("lm", time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.stage_seconds[stage] += seconds
+        self.overlap.record("lm", seconds)
         self.stage_passes[stage] += 1
         self.stats["decode_tokens"] += decoded
         self.stats["prefill_tokens"] += sum(c.num_tokens for c in chunks) - decoded
