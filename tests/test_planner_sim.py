@@ -222,19 +222,20 @@ def test_a_padded_decode_step_costs_the_longest_context_and_a_ragged_one_the_mea
 
 
 def test_a_few_decode_rows_wait_for_the_encoder_beside_them_as_the_engine_does():
-    # Four cores, so nothing shares. A (text, 1 row) prefills [0, 10] and decodes every 10 ms; B's image
-    # encodes [25, 125] beside it. With a
-    # 60 ms wait, the step after the one ending at 30 waits until 90 (ends 100); the next waits for the
-    # encode, which ends at 125, when A's row rides in B's prefill: [125, 145]. Without it A never waits.
+    # Four cores, so nothing shares. A (text, 1 row) prefills [0, 10] and decodes every 10 ms. B's image
+    # arrives at 25, inside A's step [20, 30]; the engine schedules encodes at a step's start, so it encodes
+    # [30, 130] beside A's steps (overlap on). With a 60 ms wait, the step after the one ending at 30 waits
+    # until 90 (ends 100); the next waits for the encode, which ends at 130, when A's row rides in B's
+    # prefill: [130, 150]. Without the wait A never waits.
     def token_times(wait_ms):
         sim = Simulation(EPD, Fixed(encode=100.0, prefill=10.0, decode=10.0),
-                         Budgets(encode_token_budget=64, decode_wait_ms=wait_ms), cores=4)
+                         Budgets(encode_token_budget=64, decode_wait_ms=wait_ms, overlap_encode=True), cores=4)
         sim.run([SimRequest(0.0, (), 10, 8), SimRequest(25.0, (64,), 10, 2)], LOOSE)
         return [f.tokens for f in sim.flights]
 
     (a, b) = token_times(60.0)
-    assert a == pytest.approx([10, 20, 30, 100, 145, 155, 165, 175], abs=1e-9)
-    assert b == pytest.approx([145, 155], abs=1e-9)
+    assert a == pytest.approx([10, 20, 30, 100, 150, 160, 170, 180], abs=1e-9)
+    assert b == pytest.approx([150, 160], abs=1e-9)
     (a, b) = token_times(0.0)
     assert a == pytest.approx([10, 20, 30, 40, 50, 60, 70, 80], abs=1e-9)
 
@@ -267,3 +268,39 @@ def test_a_mixed_budget_leaves_a_prompt_alone_unchunked():
     budgets = Budgets(prefill_token_budget=30, encode_token_budget=1, max_running=256, mixed_token_budget=10)
     sim = Simulation(EPD, PerToken(prefill=10.0), budgets, cores=None)
     assert sim.run([SimRequest(50.0, (), 30, 1)], LOOSE).ttft_ms == pytest.approx([300], abs=1e-9)
+
+
+def overlap_tokens(mode, wait_ms=0.0, encode=100.0, images=((25.0, 2),), a_len=8):
+    """A (text, `a_len` tokens) from 0 beside image requests (arrival, output_len), on 4 cores: nothing shares."""
+    sim = Simulation(EPD, Fixed(encode=encode, prefill=10.0, decode=10.0),
+                     Budgets(encode_token_budget=64, decode_wait_ms=wait_ms, overlap_encode=mode), cores=4)
+    reqs = [SimRequest(0.0, (), 10, a_len)] + [SimRequest(at, (64,), 10, out) for at, out in images]
+    sim.run(reqs, LOOSE)
+    return [f.tokens for f in sim.flights]
+
+
+def test_an_encode_inside_the_step_makes_the_lm_wait_then_runs_the_pass_planned_before_it():
+    # A prefills [0, 10] and decodes every 10 ms. B's image arrives at 25, inside A's step [20, 30], and is
+    # scheduled at the next step's start. Beside (overlap on) it encodes [30, 130] while A decodes on to 80;
+    # B prefills [130, 140] and decodes [140, 150]. Inside (overlap off) the LM waits for it: A's row then
+    # runs alone [130, 140] (the step was planned before B's image was ready), and rides in B's prefill
+    # [140, 160].
+    (a, b) = overlap_tokens(True)
+    assert a == pytest.approx([10, 20, 30, 40, 50, 60, 70, 80], abs=1e-9)
+    assert b == pytest.approx([140, 150], abs=1e-9)
+    (a, b) = overlap_tokens(False)
+    assert a == pytest.approx([10, 20, 30, 140, 160, 170, 180, 190], abs=1e-9)
+    assert b == pytest.approx([160, 170], abs=1e-9)
+
+
+def test_auto_moves_the_encodes_inside_once_the_tower_has_most_of_the_recent_pass_time():
+    # The engine's own rule on the simulated clock. A's single row waits up to 50 ms after each decode pass
+    # for the encode beside it, so while B1's 2 s encode runs beside, the LM passes take 10 ms of every
+    # 60: the tower then has about 70% of the recent pass time (both sums start at 1 s and halve every
+    # 10 s), over the 62% that keeps it beside. B2's encode runs inside: A gets no token for its 2 s.
+    a, _, _ = overlap_tokens("auto", wait_ms=50.0, encode=2000.0, images=((5.0, 1), (5.0, 1)), a_len=80)
+    gaps = [y - x for x, y in zip(a, a[1:])]
+    assert a[3] < 2000.0  # decoding beside B1's encode
+    assert max(gaps) >= 2000.0  # waiting for B2's, inside
+    a, _, _ = overlap_tokens(True, wait_ms=50.0, encode=2000.0, images=((5.0, 1), (5.0, 1)), a_len=80)
+    assert max(y - x for x, y in zip(a, a[1:])) <= 60.0 + 1e-9

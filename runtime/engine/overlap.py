@@ -9,7 +9,7 @@ import logging
 import math
 import threading
 import time
-from typing import Literal
+from typing import Callable, Literal
 
 OverlapMode = bool | Literal["auto"]
 STAGES = ("tower", "lm")
@@ -34,18 +34,19 @@ class OverlapChooser:
     at `prior_s`, as if the stages had been balanced: the first passes of a burst, all encodes, do not move
     the tower inside before the LM work they lead to has run."""
 
-    def __init__(self, mode: OverlapMode, half_life_s: float = 10.0, prior_s: float = 1.0) -> None:
-        self.mode, self.half_life_s = mode, half_life_s
+    def __init__(self, mode: OverlapMode, half_life_s: float = 10.0, prior_s: float = 1.0,
+                 now: Callable[[], float] = time.monotonic) -> None:
+        self.mode, self.half_life_s, self.now = mode, half_life_s, now  # `now`: seconds (the simulator's clock)
         self.max_share = {"tower": 1.0 / TOWER_BESIDE, "lm": 1.0 / LM_BESIDE}
         self.seconds = dict.fromkeys(STAGES, prior_s)
         self.current = True
-        self._at = time.monotonic()
+        self._at = now()
         self._lock = threading.Lock()  # the encoder thread records beside the loop thread
 
     def record(self, stage: str, seconds: float) -> None:
         """A pass of `stage` ("tower" or "lm") took `seconds`."""
         with self._lock:
-            now = time.monotonic()
+            now = self.now()
             decay = math.exp2(-(now - self._at) / self.half_life_s)
             self._at = now
             for s in STAGES:

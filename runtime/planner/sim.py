@@ -9,8 +9,11 @@ What it models, as the code does it (runtime/cluster/router.py, runtime/engine/s
   take their CPU from the same cores as the instances;
 - the router: P by least in-flight work, each image of a P without E to the E instance with the
   least outstanding encode tokens, D (after a P-only prefill) by least in-flight work;
-- per instance an encoder worker (batches image jobs FIFO up to `encode_token_budget`; in a hybrid it
-  runs beside LM work, as the encoder thread does) and an LM worker whose step is one decode batch of
+- per instance an encoder worker (batches image jobs FIFO up to `encode_token_budget`) and an LM worker. In
+  an instance that prefills its own images, an encode runs where the engine's `OverlapChooser` (the same
+  rule, on the simulated clock) puts it: beside LM work (the encoder thread), or inside the step, where the
+  LM waits for it and then runs the pass planned before it; with no LM work to do it always runs inside.
+  Other instances' images (a router encode job) run beside. The LM worker's step is one decode batch of
   every running request plus a prefill batch of waiting, image-ready requests up to
   `prefill_token_budget` tokens (`mixed_token_budget` while any decode; chunked) and `max_running`
   requests, decode first; a decode-only step of fewer than DECODE_WAIT_ROWS rows waits for the encoder
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from runtime.config import DECODE_WAIT_ROWS, ENCODE_TOKENS_ACCELERATOR, EngineConfig, Slo
+from runtime.engine.overlap import OverlapChooser, OverlapMode
 from runtime.planner.clock import Clock
 
 
@@ -63,6 +67,7 @@ class Budgets:
     max_running: int = EngineConfig.max_running
     decode_wait_ms: float = 0.0  # `epd plan --cores` plans with CPU_HOST's
     mixed_token_budget: int | None = None  # prefill tokens per step while requests decode; None: prefill's
+    overlap_encode: OverlapMode = EngineConfig.overlap_encode  # `epd serve --overlap-encode`
 
 
 @dataclass(eq=False)
@@ -97,10 +102,15 @@ class Node:
     stage_ms: Counter = field(default_factory=Counter)  # as the engine's /metrics: encode, prefill, mixed, decode
     stage_passes: Counter = field(default_factory=Counter)
     cpu_ms: float = 0.0  # its passes' work at full speed x threads: the CPU time the model gives the process
+    overlap: OverlapChooser | None = None  # where its own encodes run, as the engine chooses
+    inside: bool = False  # an encode runs inside the step: the LM worker waits for it
 
     def passed(self, worker: str, stage: str, now: float) -> None:
-        self.stage_ms[stage] += now - self.started.pop(worker)
+        seconds = (now - self.started.pop(worker)) / 1000.0
+        self.stage_ms[stage] += seconds * 1000.0
         self.stage_passes[stage] += 1
+        if self.overlap is not None:
+            self.overlap.record("tower" if stage == "encode" else "lm", seconds)
 
     def idle(self) -> bool:
         return not (self.enc_busy or self.lm_busy or self.enc_queue or self.waiting or self.running
@@ -175,6 +185,8 @@ class Simulation:
         self.clock = Clock(cores)
         self.costs, self.budgets, self.cap = costs, budgets, max_concurrency
         self.nodes = [Node(name, frozenset(roles), threads) for name, roles, threads in nodes]
+        for n in self.nodes:
+            n.overlap = OverlapChooser(budgets.overlap_encode, now=lambda: self.clock.now / 1000.0)
         self.flights: list[Flight] = []
         self.backlog: deque[Flight] = deque()  # sent by nobody yet: the client's concurrency cap
         self.prep, self.loop, self.client = Fifo(self.clock), Fifo(self.clock), Fifo(self.clock)
@@ -258,28 +270,39 @@ class Simulation:
     def _poll_encoder(self, e: Node) -> None:
         if e.enc_busy or not e.enc_queue:
             return
+        own = e.enc_queue[0][2] is e
+        if own and e.lm_busy:
+            return  # the engine schedules its own encodes at the start of a step: when this LM pass ends
         batch = [e.enc_queue.popleft()]
         tokens = batch[0][1]
-        while e.enc_queue and tokens < self.budgets.encode_token_budget:
+        while e.enc_queue and tokens < self.budgets.encode_token_budget and (e.enc_queue[0][2] is e) == own:
             batch.append(e.enc_queue.popleft())
             tokens += batch[-1][1]
+        e.inside = own and not (self._lm_has_work(e) and e.overlap.beside())
+        e.lm_busy = e.lm_busy or e.inside
         e.enc_busy, e.started["enc"] = True, self.clock.now
         work = self.costs.encode_ms([t for _, t, _ in batch], e.threads)
         e.cpu_ms += work * e.threads
         self.clock.start(work, e.threads, lambda: self._encoded(e, batch), e)
 
+    def _lm_has_work(self, n: Node) -> bool:
+        return bool(n.running or n.adopting or ("P" in n.roles and self._prefill_chunks(n)))
+
     def _encoded(self, e: Node, batch: list) -> None:
         e.enc_busy = False
         e.passed("enc", "encode", self.clock.now)
+        if e.inside:
+            e.inside = e.lm_busy = False
+            self._poll_lm(e)  # the rest of the step: the pass planned before this encode's images were ready
         for f, tokens, dest in batch:
             e.encode_tokens -= tokens
             if dest is e:
-                self._image_ready(f, dest)
+                f.images_left -= 1
             else:
                 nbytes = tokens * self.costs.embed_bytes_per_token
                 self.clock.after(self.costs.transfer_ms(nbytes), lambda f=f, d=dest: self._image_ready(f, d))
-        self._poll_encoder(e)
-        self._poll_lm(e)  # decode rows held for this encode
+        self._poll_encoder(e)  # an idle LM (rows held for this encode, or none): the next step starts now
+        self._poll_lm(e)
         self._maybe_switch(e)
 
     def _image_ready(self, f: Flight, p: Node) -> None:
@@ -348,6 +371,7 @@ class Simulation:
             if f.computed == f.spec.prompt_len:
                 n.waiting.remove(f)
                 self._prefilled(f, n)
+        self._poll_encoder(n)  # the next step starts with its encodes
         self._poll_lm(n)
         self._maybe_switch(n)
 
