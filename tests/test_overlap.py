@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from epdlang.sampling import SamplingParams
 from images import make_image
 from runtime.engine.core import Engine
@@ -100,3 +102,5 @@ def test_serve_flags_pick_the_mode():
 
     assert mode() == "auto" and mode("--overlap-encode", "on") is True
     assert mode("--overlap-encode", "off") is False and mode("--no-overlap-encode") is False
+    with pytest.raises(SystemExit):  # contradictory flags are refused, not silently resolved
+        build_parser().parse_args(["serve", "tiny-random", "--overlap-encode", "on", "--no-overlap-encode"])

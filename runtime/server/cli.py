@@ -62,10 +62,11 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--no-prefix-cache", action="store_true", help="no radix prefix cache (prompts prefilled whole)")
     p.add_argument("--no-mixed-batches", action="store_true",
                    help="decode and prefill in separate forward passes (default: decode rows ride in the prefill's)")
-    p.add_argument("--overlap-encode", choices=("auto", "on", "off"), default=None,
-                   help="the vision tower on its own thread beside LM work (on), inside the engine step (off), or "
-                        "chosen per encode from the stages' recent work (auto, the default)")
-    p.add_argument("--no-overlap-encode", action="store_true", help="the same as --overlap-encode off")
+    overlap = p.add_mutually_exclusive_group()
+    overlap.add_argument("--overlap-encode", choices=("auto", "on", "off"), default=None,
+                         help="the vision tower on its own thread beside LM work (on), inside the engine step "
+                              "(off), or chosen per encode from the stages' recent work (auto, the default)")
+    overlap.add_argument("--no-overlap-encode", action="store_true", help="the same as --overlap-encode off")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads in all (split over the instances)")
     p.add_argument("--max-waiting-requests", type=int, default=None,
                    help="requests waiting for a first token at most; beyond it 503 with Retry-After (default: no cap)")
