@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runtime.cli import build_parser  # noqa: E402
 from runtime.config import Slo  # noqa: E402
 from runtime.planner.cli import ROLE_WORKLOADS, bench_requests, resolve_model  # noqa: E402
 from runtime.planner.plan import build_plan  # noqa: E402
@@ -27,12 +29,11 @@ OUT = Path(__file__).resolve().parents[1] / "results" / "planner" / "gpu-table.j
 
 
 def plan_args(dataset: str, gpus: int, n: int, args: argparse.Namespace) -> argparse.Namespace:
-    return argparse.Namespace(
-        model="tiny-random", dataset=dataset, num_prompts=n, image_size=224, input_len=16, output_len=None, seed=0,
-        request_rate=None, burstiness=1.0, max_concurrency=None, sweep_rates=None, slo_ttft_ms=args.slo_ttft_ms,
-        slo_tpot_ms=args.slo_tpot_ms, cores=None, max_instances=None, threads_per_instance=None, gpus=gpus,
-        device_profile=args.device_profile, gpu_unit=None, simulate_top=args.simulate_top, transfer="shm",
-        candidates=None, profile=None)
+    """`epd plan`'s own arguments, parsed by its parser, so that every flag it gains has its default here."""
+    flags = ["--dataset", dataset, "--num-prompts", str(n), "--image-size", "224", "--input-len", "16",
+             "--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms),
+             "--device-profile", args.device_profile, "--simulate-top", str(args.simulate_top)]
+    return build_parser().parse_args(["plan", "tiny-random", *flags, *(["--gpus", str(gpus)] if gpus else [])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| workload | GPUs | recommended | goodput (req/s) | runner-up | colocated EPD (req/s) | vs EPD |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = r["goodput_rps"] / r["colocated_goodput_rps"] if r["colocated_goodput_rps"] else float("inf")
-        print(f"| {r['workload']} | {r['gpus']} | `{r['recommended']}` | {r['goodput_rps']:.1f} | "
+        gp = math.inf if r["goodput_rps"] is None else r["goodput_rps"]  # None: unbounded (a burst meets the SLO)
+        ratio = gp / r["colocated_goodput_rps"] if r["colocated_goodput_rps"] else math.inf
+        print(f"| {r['workload']} | {r['gpus']} | `{r['recommended']}` | {gp:.1f} | "
               f"`{r['runner_up']}` ({r['runner_up_goodput_rps']:.1f}) | {r['colocated_goodput_rps']:.1f} | "
               f"{ratio:.2f}x |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
