@@ -1,4 +1,4 @@
-"""The event clock of the simulator: timed callbacks, and work that shares the processors.
+"""The event clock of the simulator: timed callbacks, work that shares the processors, and FIFO threads.
 
 Times are milliseconds. A `Job` is `work_ms` of compute at full speed on `threads` threads. Where the
 machine has `cores` (a CPU host), every active job runs `slowdown = max(1, busy threads / cores)`
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -113,3 +114,30 @@ class Clock:
                 self._finish(job)
             else:
                 heapq.heappop(self._timed)[2]()
+
+
+@dataclass(eq=False)
+class Fifo:
+    """One thread doing its jobs in order: the API server's preprocess thread, its event loop, the client."""
+
+    clock: Clock
+    queue: deque = field(default_factory=deque)  # (ms of work, callback when done)
+    busy: bool = False
+    cpu_ms: float = 0.0
+
+    def put(self, work_ms: float, done: Callback) -> None:
+        self.queue.append((work_ms, done))
+        self._poll()
+
+    def _poll(self) -> None:
+        if self.busy or not self.queue:
+            return
+        work, done = self.queue.popleft()
+        self.busy = True
+        self.cpu_ms += work
+        self.clock.start(work, 1, lambda: self._done(done))
+
+    def _done(self, done: Callback) -> None:
+        self.busy = False
+        done()
+        self._poll()

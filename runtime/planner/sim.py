@@ -32,7 +32,7 @@ from typing import Callable, Protocol
 
 from runtime.config import DECODE_WAIT_ROWS, ENCODE_TOKENS_ACCELERATOR, EngineConfig, Slo
 from runtime.engine.overlap import OverlapChooser, OverlapMode
-from runtime.planner.clock import Clock
+from runtime.planner.clock import Clock, Fifo
 
 
 class Costs(Protocol):
@@ -115,33 +115,6 @@ class Node:
     def idle(self) -> bool:
         return not (self.enc_busy or self.lm_busy or self.enc_queue or self.waiting or self.running
                     or self.adopting or self.inflight)
-
-
-@dataclass(eq=False)
-class Fifo:
-    """One thread doing its jobs in order: the API server's preprocess thread, its event loop, the client."""
-
-    clock: Clock
-    queue: deque = field(default_factory=deque)  # (ms of work, callback when done)
-    busy: bool = False
-    cpu_ms: float = 0.0
-
-    def put(self, work_ms: float, done: Callable[[], None]) -> None:
-        self.queue.append((work_ms, done))
-        self._poll()
-
-    def _poll(self) -> None:
-        if self.busy or not self.queue:
-            return
-        work, done = self.queue.popleft()
-        self.busy = True
-        self.cpu_ms += work
-        self.clock.start(work, 1, lambda: self._done(done))
-
-    def _done(self, done: Callable[[], None]) -> None:
-        self.busy = False
-        done()
-        self._poll()
 
 
 @dataclass(frozen=True)
