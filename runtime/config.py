@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+OverlapMode = bool | Literal["auto"]  # `EngineConfig.overlap_encode`: on, off, or chosen per encode
 ENCODE_TOKENS_ACCELERATOR = 4096
 # On CPU a larger tower batch is no faster per image (448² image: 128 ms alone, 146-156 ms each in batches
 # of 2-8 at 2 threads), and a long pass holds back the first request's prefill and its thread split.
@@ -40,7 +41,7 @@ class EngineConfig:
     tpot_target_ms: float | None = None  # when set, budgets are calibrated at start-up
     # the vision tower on a second thread beside LM work: True, False, or "auto" (chosen per encode from each
     # stage's share of the recent pass time: runtime/engine/overlap.py)
-    overlap_encode: bool | Literal["auto"] = "auto"
+    overlap_encode: OverlapMode = "auto"
     decode_wait_ms: float | None = None  # a decode-only step waits this long for the tower; None: by device
     load_vision: bool = True
     load_lm: bool = True

@@ -9,9 +9,10 @@ import logging
 import math
 import threading
 import time
-from typing import Callable, Literal
+from typing import Callable
 
-OverlapMode = bool | Literal["auto"]
+from runtime.config import OverlapMode
+
 STAGES = ("tower", "lm")
 # How much slower a stage's passes ran beside the other stage than alone, in serving (benchmarks/epd_alone.sh
 # on a 2-core AMD EPYC, 2026-12-07): the tower 1.68x (tiny model, 224²), 1.87x (448²), 1.60x (small model);

@@ -30,8 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from runtime.config import DECODE_WAIT_ROWS, ENCODE_TOKENS_ACCELERATOR, EngineConfig, Slo
-from runtime.engine.overlap import OverlapChooser, OverlapMode
+from runtime.config import DECODE_WAIT_ROWS, ENCODE_TOKENS_ACCELERATOR, EngineConfig, OverlapMode, Slo
+from runtime.engine.overlap import OverlapChooser
 from runtime.planner.clock import Clock, Fifo
 
 
@@ -102,15 +102,15 @@ class Node:
     stage_ms: Counter = field(default_factory=Counter)  # as the engine's /metrics: encode, prefill, mixed, decode
     stage_passes: Counter = field(default_factory=Counter)
     cpu_ms: float = 0.0  # its passes' work at full speed x threads: the CPU time the model gives the process
-    overlap: OverlapChooser | None = None  # where its own encodes run, as the engine chooses
+    overlap: OverlapChooser | None = None  # where its own encodes run (an instance with E and P), as the engine chooses
     inside: bool = False  # an encode runs inside the step: the LM worker waits for it
 
     def passed(self, worker: str, stage: str, now: float) -> None:
-        seconds = (now - self.started.pop(worker)) / 1000.0
-        self.stage_ms[stage] += seconds * 1000.0
+        ms = now - self.started.pop(worker)
+        self.stage_ms[stage] += ms
         self.stage_passes[stage] += 1
         if self.overlap is not None:
-            self.overlap.record("tower" if stage == "encode" else "lm", seconds)
+            self.overlap.record("tower" if stage == "encode" else "lm", ms / 1000.0)
 
     def idle(self) -> bool:
         return not (self.enc_busy or self.lm_busy or self.enc_queue or self.waiting or self.running
@@ -158,8 +158,9 @@ class Simulation:
         self.clock = Clock(cores)
         self.costs, self.budgets, self.cap = costs, budgets, max_concurrency
         self.nodes = [Node(name, frozenset(roles), threads) for name, roles, threads in nodes]
-        for n in self.nodes:
-            n.overlap = OverlapChooser(budgets.overlap_encode, now=lambda: self.clock.now / 1000.0)
+        for n in self.nodes:  # only an instance with E and P encodes its own images, and so chooses
+            if {"E", "P"} <= n.roles:
+                n.overlap = OverlapChooser(budgets.overlap_encode, now=lambda: self.clock.now / 1000.0)
         self.flights: list[Flight] = []
         self.backlog: deque[Flight] = deque()  # sent by nobody yet: the client's concurrency cap
         self.prep, self.loop, self.client = Fifo(self.clock), Fifo(self.clock), Fifo(self.clock)
