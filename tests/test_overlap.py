@@ -45,12 +45,12 @@ def test_the_thresholds_are_where_a_slowed_stage_outlasts_both_in_turn():
 
 
 def test_the_choice_follows_the_workload_as_old_passes_decay():
-    chooser = OverlapChooser("auto", half_life_s=0.02, prior_s=0.0)
+    clock = [0.0]
+    chooser = OverlapChooser("auto", half_life_s=0.02, prior_s=0.0, now=lambda: clock[0])
     chooser.record("tower", 0.7)  # 448² images on the tiny model: the tower dominates
     chooser.record("lm", 0.3)
     assert not chooser.beside()
-    import time
-    time.sleep(0.2)  # ten half-lives: the old passes weigh 1/1024
+    clock[0] += 0.2  # ten half-lives: the old passes weigh 1/1024
     chooser.record("tower", 0.5)  # now balanced
     chooser.record("lm", 0.5)
     assert chooser.beside()
