@@ -10,6 +10,7 @@ the engine (preprocessing included) has the whole machine, so its rate bounds wh
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 from epdlang.sampling import SamplingParams
@@ -33,6 +34,11 @@ def closed_loop(engine: Engine, reqs: list[dict], params: SamplingParams, concur
     return tokens
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(engine: Engine, num_prompts: int, side: int, input_len: int, output_len: int,
         concurrency: int = 0) -> dict:
     tok = engine.processor.tokenizer
@@ -41,17 +47,18 @@ def run(engine: Engine, num_prompts: int, side: int, input_len: int, output_len:
     params = SamplingParams(max_new_tokens=output_len, ignore_eos=True)
     engine.flush_cache()
     engine.stage_seconds.clear()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     if concurrency:
         out_tokens = closed_loop(engine, reqs, params, concurrency)
     else:
         out_tokens = sum(len(o.token_ids) for o in engine.generate(reqs, params))
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     stages = dict(engine.stage_seconds)
     busy = sum(stages.values())
     return {
         "image_size": side, "num_prompts": num_prompts, "concurrency": concurrency or num_prompts,
         "elapsed_s": round(elapsed, 3), "req_per_s": round(num_prompts / elapsed, 2),
+        "cpu_s": round(cpu, 2),  # the process's user + system seconds, all threads
         "output_tok_per_s": round(out_tokens / elapsed, 1),
         "stage_share": {k: round(v / busy, 3) for k, v in stages.items()},
         "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
