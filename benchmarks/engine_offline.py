@@ -15,10 +15,9 @@ import time
 
 from epdlang.sampling import SamplingParams
 from offline_kit import image_request, synthetic_image, text_of_tokens, write_result
+from runtime.config import OVERLAP_MODES
 from runtime.engine.core import Engine
 from runtime.tiny_model import ensure_tiny_model
-
-OVERLAP = {"auto": "auto", "on": True, "off": False}
 
 
 def closed_loop(engine: Engine, reqs: list[dict], params: SamplingParams, concurrency: int) -> int:
@@ -74,9 +73,9 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=0, help="requests in flight; 0: all at once")
-    ap.add_argument("--overlap-encode", choices=sorted(OVERLAP), default="auto")
+    ap.add_argument("--overlap-encode", choices=tuple(OVERLAP_MODES), default="auto")
     args = ap.parse_args()
-    engine = Engine(args.model or ensure_tiny_model(), overlap_encode=OVERLAP[args.overlap_encode])
+    engine = Engine(args.model or ensure_tiny_model(), overlap_encode=OVERLAP_MODES[args.overlap_encode])
     run(engine, 4, 224, args.input_len, 4)  # warm-up
     results = [run(engine, args.num_prompts, int(s), args.input_len, args.output_len, args.concurrency)
                for s in args.image_sizes.split(",")]

@@ -29,6 +29,15 @@ def lm_flops_per_token(cfg) -> float:
     return 2.0 * per_layer * t.num_layers
 
 
+def start_decoding(eng: Engine, batch: int, prompt: int) -> None:
+    """Queue `batch` prompts of `prompt` tokens and step until all are prefilled: the next steps decode."""
+    for i in range(batch):
+        eng.add_request(input_ids=list(range(200 + i, 200 + i + prompt)),
+                        sampling_params=SamplingParams(max_new_tokens=64, ignore_eos=True))
+    while eng.scheduler.waiting:
+        eng.step()
+
+
 def measure(model: str, backend: str, batch: int, prompt: int) -> dict:
     eng = Engine(model, linear_backend=backend, enable_prefix_cache=False, overlap_encode=False)
     cfg = eng.model.config
@@ -36,11 +45,7 @@ def measure(model: str, backend: str, batch: int, prompt: int) -> dict:
     encode = best_ms(lambda: eng.runner.encode([pixels], grid.tolist()))
     one = SamplingParams(max_new_tokens=1, ignore_eos=True)
     prefill = best_ms(lambda: eng.generate({"input_ids": list(range(100, 100 + prompt))}, one))
-    for i in range(batch):
-        eng.add_request(input_ids=list(range(200 + i, 200 + i + prompt)),
-                        sampling_params=SamplingParams(max_new_tokens=64, ignore_eos=True))
-    while eng.scheduler.waiting:
-        eng.step()
+    start_decoding(eng, batch, prompt)
     decode = best_ms(eng.step, repeats=10)
     per_token = lm_flops_per_token(cfg)
     head = 2.0 * cfg.text.hidden_size * cfg.text.vocab_size
@@ -54,11 +59,7 @@ def profile_stages(model: str, batch: int, prompt: int) -> None:
     eng = Engine(model, enable_prefix_cache=False, overlap_encode=False)
     pixels, grid = eng.model.dummy_image(64)
     tower = lambda: eng.runner.encode([pixels] * 4, grid.tolist() * 4)  # noqa: E731
-    for i in range(batch):
-        eng.add_request(input_ids=list(range(200 + i, 200 + i + prompt)),
-                        sampling_params=SamplingParams(max_new_tokens=64, ignore_eos=True))
-    while eng.scheduler.waiting:
-        eng.step()
+    start_decoding(eng, batch, prompt)
     for name, fn, n in (("tower pass, 4 images of 224^2", tower, 5), (f"decode step, {batch} rows", eng.step, 10)):
         fn()
         with torch.profiler.profile() as prof:

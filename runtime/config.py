@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 OverlapMode = bool | Literal["auto"]  # `EngineConfig.overlap_encode`: on, off, or chosen per encode
+OVERLAP_MODES: dict[str, OverlapMode] = {"auto": "auto", "on": True, "off": False}  # `--overlap-encode` names
 ENCODE_TOKENS_ACCELERATOR = 4096
 # On CPU a larger tower batch is no faster per image (448² image: 128 ms alone, 146-156 ms each in batches
 # of 2-8 at 2 threads), and a long pass holds back the first request's prefill and its thread split.

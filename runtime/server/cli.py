@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from runtime.cluster.topology import parse_topology
-from runtime.config import DECODE_WAIT_MS_CPU, DECODE_WAIT_ROWS, Slo
+from runtime.config import DECODE_WAIT_MS_CPU, DECODE_WAIT_ROWS, OVERLAP_MODES, Slo
 from runtime.server.config import Limits, ServerConfig
 from runtime.tiny_model import resolve_model
 
@@ -63,7 +63,7 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--no-mixed-batches", action="store_true",
                    help="decode and prefill in separate forward passes (default: decode rows ride in the prefill's)")
     overlap = p.add_mutually_exclusive_group()
-    overlap.add_argument("--overlap-encode", choices=("auto", "on", "off"), default=None,
+    overlap.add_argument("--overlap-encode", choices=tuple(OVERLAP_MODES), default=None,
                          help="the vision tower on its own thread beside LM work (on), inside the engine step "
                               "(off), or chosen per encode from the stages' recent work (auto, the default)")
     overlap.add_argument("--no-overlap-encode", action="store_true", help="the same as --overlap-encode off")
@@ -78,9 +78,6 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
                    help="JSON output may contain any whitespace (default: compact; a request's x-guidance overrides)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(handler=serve)
-
-
-_OVERLAP = {"auto": "auto", "on": True, "off": False}
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -103,7 +100,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                  "encode_token_budget": args.encode_token_budget, "tpot_target_ms": args.tpot_target_ms,
                  "decode_wait_ms": args.decode_wait_ms,
                  "mixed_batches": False if args.no_mixed_batches else None,
-                 "overlap_encode": False if args.no_overlap_encode else _OVERLAP.get(args.overlap_encode),
+                 "overlap_encode": False if args.no_overlap_encode else OVERLAP_MODES.get(args.overlap_encode),
                  "enable_prefix_cache": False if args.no_prefix_cache else None,
                  "json_whitespace_flexible": args.json_whitespace_flexible or None,
                  "role_switching": args.role_switching or None}
