@@ -53,3 +53,13 @@ class RequestOutput:
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
     error: str | None = None
+
+    def then(self, later: "RequestOutput") -> "RequestOutput":
+        """This delta followed by `later` (the next delta of the same request) as one delta."""
+        return RequestOutput(
+            rid=self.rid, new_token_ids=self.new_token_ids + later.new_token_ids,
+            new_text=self.new_text + later.new_text, finished=later.finished, finish_reason=later.finish_reason,
+            matched_stop=later.matched_stop, prompt_tokens=later.prompt_tokens,
+            completion_tokens=later.completion_tokens, cached_tokens=later.cached_tokens,
+            logprobs=self.logprobs + later.logprobs, prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs,
+            error=later.error)

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
@@ -21,6 +22,7 @@ import zmq
 
 from runtime.cluster.instance import InstanceConfig
 from runtime.cluster.launcher import Launcher, describe
+from runtime.cluster.mailbox import LoopMailbox
 from runtime.cluster.role_switch import SwitchPolicy, role_str
 from runtime.cluster.router import Router
 from runtime.cluster.topology import Topology, parse_topology
@@ -90,6 +92,7 @@ class Deployment:
         self.router.ready_event = self._on_ready
         self._thread = threading.Thread(target=self.router.run, name="router", daemon=True)
         self._closed = False
+        self._mailboxes: dict[asyncio.AbstractEventLoop, LoopMailbox] = {}
         self._thread.start()
         try:
             self.launcher.start_all()
@@ -127,14 +130,20 @@ class Deployment:
     # ---- requests ---------------------------------------------------------------------------------
     async def generate(self, msg: GenerateRequest) -> AsyncIterator[RequestOutput]:
         """Submit and stream deltas. Typed admission errors are raised from the first iteration.
-        Leaving the iterator early (disconnect, cancel) aborts the request everywhere."""
-        loop = asyncio.get_running_loop()
+        Deltas that queued up while the consumer was busy come as one. Leaving the iterator early
+        (disconnect, cancel) aborts the request everywhere."""
         outputs: asyncio.Queue = asyncio.Queue()
-        self.router.post("submit", msg, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item))
-        finished = False
+        self.router.post("submit", msg, partial(self._mailbox(asyncio.get_running_loop()).put, outputs))
+        finished, held = False, None
         try:
             while not finished:
-                item = await outputs.get()
+                item, held = held or await outputs.get(), None
+                while isinstance(item, RequestOutput) and not item.finished and not outputs.empty():
+                    later = outputs.get_nowait()
+                    if isinstance(later, BaseException):
+                        held = later
+                        break
+                    item = item.then(later)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -143,6 +152,13 @@ class Deployment:
         finally:
             if not finished:
                 self.router.post("abort", msg.rid)
+
+    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> LoopMailbox:
+        box = self._mailboxes.get(loop)
+        if box is None:  # a new loop: forget the closed ones (epd.Runtime may run one per call)
+            self._mailboxes = {lp: b for lp, b in self._mailboxes.items() if not lp.is_closed()}
+            box = self._mailboxes[loop] = LoopMailbox(loop)
+        return box
 
     def encode_ahead(self, images: Sequence[Any]) -> None:
         """Start encoding these `ImageInput`s now on the E instances; later requests find them cached."""

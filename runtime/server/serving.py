@@ -216,6 +216,13 @@ async def collect(streams: Sequence[EngineStream]) -> list[Accum]:
 
 async def merged(streams: Sequence[EngineStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(index, delta) from several streams as they arrive. Closing this aborts whatever is unfinished."""
+    if len(streams) == 1:  # the common case, without a task and a queue per delta
+        try:
+            async for out in streams[0].deltas():
+                yield 0, out
+        finally:
+            await close_all(streams)
+        return
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, stream: EngineStream) -> None:
