@@ -205,17 +205,21 @@ def test_an_encode_with_no_lm_work_beside_it_runs_on_the_loop_thread(tiny_model_
 
 
 def test_without_overlap_every_stage_keeps_all_threads(tiny_model_dir, red_image):
+    """A pass of one row runs at one torch thread with its large matmuls split over both (models/gemv.py)."""
     import torch
 
+    from runtime.models.gemv import split_parts
+
     eng = Engine(tiny_model_dir, num_threads=2, overlap_encode=False)
-    seen: list[int] = []
+    seen: list[tuple[int, int, int]] = []  # (rows, torch threads, one-row split) per pass
     encode, run = eng.runner.encode, eng.runner.run
-    eng.runner.encode = lambda *a: seen.append(torch.get_num_threads()) or encode(*a)
-    eng.runner.run = lambda *a: seen.append(torch.get_num_threads()) or run(*a)
+    eng.runner.encode = lambda *a: seen.append((2, torch.get_num_threads(), split_parts())) or encode(*a)
+    eng.runner.run = lambda chunks, dec: seen.append(
+        (min(2, sum(c.num_tokens for c in chunks)), torch.get_num_threads(), split_parts())) or run(chunks, dec)
     eng.generate([_ask(red_image, "What is it?"), {"prompt": "a long story " * 8}], GREEDY)
-    assert len(seen) > 3 and set(seen) == {2}
+    assert len(seen) > 3 and set(seen) == {(2, 2, 1), (1, 1, 2)}  # the last tokens of the longer answer: one row
     seen.clear()
     eng.set_num_threads(1)  # as `epd plan` profiles each thread count: a step must not restore 2
     eng.generate([_ask(red_image, "What is it, then?"), {"prompt": "a short story " * 8}], GREEDY)
-    assert len(seen) > 3 and set(seen) == {1}
+    assert len(seen) > 3 and {threads for _, threads, _ in seen} == {1} and {p for *_, p in seen} == {1}
     torch.set_num_threads(2)

@@ -221,7 +221,8 @@ class Engine:
 
     def _run_lm(self, chunks: list[Chunk], is_decode: bool) -> None:
         t0 = time.perf_counter()
-        results = self.runner.run(chunks, is_decode)
+        with self.threads.one_row_pass(sum(c.num_tokens for c in chunks), self._encoding_beside()):
+            results = self.runner.run(chunks, is_decode)
         self._sample(chunks, results)
         decoded = sum(1 for c in chunks if c.generated)
         if decoded:

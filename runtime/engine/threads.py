@@ -1,9 +1,12 @@
 """How the encoder thread and the LM thread of one engine share its torch threads on CPU."""
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
+
+from runtime.models.gemv import split_over
 
 
 class ThreadShare:
@@ -27,3 +30,11 @@ class ThreadShare:
 
     def on_loop_thread(self) -> bool:
         return threading.get_ident() == self.loop_thread
+
+    def one_row_pass(self, rows: int, other_stage_busy: bool) -> contextlib.AbstractContextManager:
+        """For an LM pass of one row with every thread to itself: one torch thread, and the large one-row
+        matmuls split over the rest (`runtime/models/gemv.py`). Otherwise nothing changes."""
+        n = torch.get_num_threads()
+        if rows != 1 or other_stage_busy or n < 2:
+            return contextlib.nullcontext()
+        return split_over(n)
