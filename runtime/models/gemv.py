@@ -59,7 +59,8 @@ def split_parts() -> int:
 def split_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for a one-row `x`: in `split_over(n)`, over n threads; else on one."""
     parts, rows, v = split_parts(), weight.shape[0], x[0]
-    cuts = [min(rows, -(-rows * i // parts // ALIGN_ROWS) * ALIGN_ROWS) for i in range(parts)] + [rows]
+    size = -(-rows // (parts * ALIGN_ROWS)) * ALIGN_ROWS  # rows a piece: rows / parts, up to ALIGN_ROWS
+    cuts = [min(rows, i * size) for i in range(parts)] + [rows]
     futures = []
     if parts > 1:
         pool = _helpers(parts - 1)
