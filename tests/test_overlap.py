@@ -32,6 +32,19 @@ def test_the_first_passes_of_a_burst_do_not_move_the_tower_inside():
     assert not chooser.beside()
 
 
+def test_an_idle_server_keeps_the_prior_for_the_next_burst():
+    clock = [0.0]
+    chooser = OverlapChooser("auto", half_life_s=10.0, prior_s=1.0, now=lambda: clock[0])
+    clock[0] += 600.0  # ten minutes between start-up and the first request
+    for _ in range(4):
+        clock[0] += 0.1
+        chooser.record("tower", 0.1)
+    assert chooser.beside() and abs(chooser.shares()["tower"] - 1.4 / 2.4) < 0.05
+    clock[0] += 600.0  # the burst's LM work ran, then the server sat idle again
+    chooser.record("lm", 1.4)
+    assert chooser.shares()["lm"] > 0.5  # the idle ten minutes did not wipe out what came before
+
+
 def test_the_thresholds_are_where_a_slowed_stage_outlasts_both_in_turn():
     # Inside takes E + L; beside max(sT * E, sL * L): beside while neither slowed stage outlasts E + L.
     t_limit, lm_limit = 1 / TOWER_BESIDE, 1 / LM_BESIDE

@@ -21,6 +21,9 @@ STAGES = ("tower", "lm")
 # the LM's the high end, so a compute-bound LM that dominates moves the tower inside.
 TOWER_BESIDE = 1.6
 LM_BESIDE = 1.8
+# A gap between passes counts toward the decay for at most the pass's own length plus this much: "recent" means
+# recent work, so an idle server keeps the prior and the last workload's shares instead of decaying them to nothing.
+IDLE_GAP_S = 1.0
 log = logging.getLogger(__name__)
 
 
@@ -33,7 +36,8 @@ class OverlapChooser:
     The slowdowns are constants, the same in both modes, so the shares measured in either mode give the
     answer: no probing, which would stall decode steps in workloads that should stay beside. Both sums start
     at `prior_s`, as if the stages had been balanced: the first passes of a burst, all encodes, do not move
-    the tower inside before the LM work they lead to has run."""
+    the tower inside before the LM work they lead to has run. Idle time decays nothing (`IDLE_GAP_S`), so
+    that holds for a burst that comes minutes after start-up, too."""
 
     def __init__(self, mode: OverlapMode, half_life_s: float = 10.0, prior_s: float = 1.0,
                  now: Callable[[], float] = time.monotonic) -> None:
@@ -48,7 +52,8 @@ class OverlapChooser:
         """A pass of `stage` ("tower" or "lm") took `seconds`."""
         with self._lock:
             now = self.now()
-            decay = math.exp2(-(now - self._at) / self.half_life_s)
+            elapsed = min(now - self._at, seconds + IDLE_GAP_S)
+            decay = math.exp2(-elapsed / self.half_life_s)
             self._at = now
             for s in STAGES:
                 self.seconds[s] *= decay
